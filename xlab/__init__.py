@@ -1,0 +1,1 @@
+"""XLab: a YAML-driven transformer lab built on PyTorch Lightning."""

@@ -1,0 +1,80 @@
+"""Callbacks every run gets: throughput logging and a Ctrl-C that leaves a resumable checkpoint."""
+
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class TokensPerSecond(Callback):
+    """Logs ``train/tokens_per_sec``: tokens of all processes over the wall time of the last ``window`` steps.
+
+    Wall time between consecutive batch ends, so data loading counts and validation does not.
+    """
+
+    def __init__(self, window: int = 20):
+        self.window: deque[tuple[int, float]] = deque(maxlen=window)
+        self.last: float | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.last = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.last = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.window.append((batch["input"].numel() * trainer.world_size, now - self.last))
+        self.last = now
+        if self.window:
+            tokens, seconds = map(sum, zip(*self.window))
+            pl_module.log("train/tokens_per_sec", tokens / seconds)
+
+
+class SaveOnInterrupt(Callback):
+    """The first Ctrl-C finishes the current step, saves ``last.ckpt`` and stops; a second one aborts at once.
+
+    All processes agree on the stop at the same step, so the checkpoint is consistent under DDP.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.saved_to: Path | None = None
+        self.previous_handler: Any = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self._restore_handler()
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def _restore_handler(self) -> None:
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGINT, self.previous_handler)
+            self.previous_handler = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        checkpoint = trainer.checkpoint_callback
+        directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
+        self.saved_to = directory / "last.ckpt"
+        trainer.save_checkpoint(self.saved_to)
+        trainer.should_stop = True

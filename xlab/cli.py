@@ -1,0 +1,160 @@
+"""XLabCLI: one LightningCLI for training, evaluation and data preparation, configured in YAML."""
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from xlab.callbacks import SaveOnInterrupt, TokensPerSecond
+from xlab.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_CONFIG = CONF_DIR / "defaults.yaml"
+INTERRUPTED_EXIT_CODE = 130
+
+
+class XLabTrainer(Trainer):
+    """Lightning's Trainer with the data subcommands of the CLI."""
+
+    def prepare(self, model: LightningModule, datamodule: LightningDataModule) -> None:
+        """Load the source, split it, train the tokenizer and encode every split into the cache."""
+        datamodule.prepare_data()
+        print(f"prepared {datamodule.tokens_dir()}")
+
+    def stats(self, model: LightningModule, datamodule: LightningDataModule) -> None:
+        """Print documents, bytes and tokens per split, and bytes per token."""
+        datamodule.prepare_data()
+        print(format_stats(datamodule.stats(), datamodule.context_length))
+
+
+def format_stats(stats: dict[str, dict[str, int]], context_length: int) -> str:
+    header = f"{'split':<8} {'documents':>10} {'bytes':>13} {'tokens':>12} {'bytes/token':>11} {'sequences':>10}"
+    rows = [header]
+    for split, s in stats.items():
+        ratio = s["bytes"] / s["tokens"] if s["tokens"] else 0.0
+        sequences = max(0, (s["tokens"] - 1) // context_length)
+        rows.append(
+            f"{split:<8} {s['documents']:>10,} {s['bytes']:>13,} {s['tokens']:>12,} {ratio:>11.2f} {sequences:>10,}"
+        )
+    return "\n".join(rows)
+
+
+class XLabCLI(LightningCLI):
+    """``fit``, ``validate``, ``test``, ``predict`` plus the data subcommands ``prepare`` and ``stats``.
+
+    ``conf/defaults.yaml`` is read first, then ``-c FILE``, then command-line overrides.
+    The model and data classes are chosen in YAML by ``class_path``.
+    """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        subcommand_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]}
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_class=XLabTrainer,
+            trainer_defaults={"callbacks": [TokensPerSecond(), SaveOnInterrupt(), LearningRateMonitor("step")]},
+            parser_kwargs={name: subcommand_kwargs for name in self.subcommands()},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "prepare": {"model", "datamodule"}, "stats": {"model", "datamodule"}}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Parsers raise instead of printing usage, so that main() can report one line."""
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("data.vocab_size", "model.init_args.arch.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.context_length", "model.init_args.arch.context_length", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        """Refuse to start a new run over the checkpoints of an earlier one."""
+        if self.config_init[self.subcommand].get("ckpt_path") is not None:
+            return
+        directory = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
+        if any(directory.glob("*.ckpt")):
+            raise UserError(
+                f"{directory} already holds checkpoints: resume with --ckpt_path last, or start a new run "
+                "with --trainer.logger.init_args.name NAME"
+            )
+
+    def after_fit(self) -> None:
+        interrupt = next(cb for cb in self.trainer.callbacks if isinstance(cb, SaveOnInterrupt))
+        if interrupt.saved_to is not None:
+            raise Interrupted(
+                f"interrupted at step {self.trainer.global_step}: saved {interrupt.saved_to}; "
+                "resume with the same command and --ckpt_path last"
+            )
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a resumable checkpoint."""
+
+
+USER_MISTAKES = (UserError, ArgumentError, MisconfigurationException, FileNotFoundError)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the CLI; map user mistakes to one line on stderr and a non-zero exit code."""
+    try:
+        XLabCLI(args)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except Exception as error:
+        mistake = user_mistake(error)
+        if mistake is None:
+            raise
+        print(f"error: {describe(mistake)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def user_mistake(error: BaseException | None) -> BaseException | None:
+    """The user's mistake behind ``error``, looking through the wrappers jsonargparse adds, or None for a bug."""
+    while error is not None:
+        if isinstance(error, USER_MISTAKES):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+_CLASS_PROBLEM = re.compile(r"Parser key \"(\w+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a|$)")
+
+
+def describe(error: BaseException) -> str:
+    """One line: jsonargparse's nested union report reduced to the part about the chosen class."""
+    text = " ".join(str(error).split())
+    problem = _CLASS_PROBLEM.search(text)
+    if problem:
+        group, class_path, detail = problem.groups()
+        text = f"{group} ({class_path}): {detail}"
+    if isinstance(error, ArgumentError):
+        text += " (--print_config lists every valid key)"
+    return text

@@ -1,0 +1,52 @@
+"""Token-level language-modelling metrics, summed exactly over an epoch and across processes."""
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+
+def token_statistics(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> dict[str, Tensor]:
+    """Summed cross-entropy (nats, computed in float32), correct predictions and counted targets."""
+    flat_targets = targets.reshape(-1)
+    loss_sum = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), flat_targets, ignore_index=ignore_index, reduction="sum"
+    )
+    counted = flat_targets != ignore_index
+    correct = ((logits.detach().argmax(-1).reshape(-1) == flat_targets) & counted).sum()
+    return {"loss_sum": loss_sum, "correct": correct, "tokens": counted.sum()}
+
+
+def bits_per_byte(loss_sum: Tensor, num_bytes: Tensor) -> Tensor:
+    """Total nats over the bytes the targets stand for, in bits: comparable across tokenizers."""
+    return loss_sum / math.log(2) / num_bytes.clamp(min=1)
+
+
+class LMMetrics(nn.Module):
+    """Loss, accuracy, perplexity and bits per byte, each a ratio of sums over the whole epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.loss = MeanMetric()
+        self.accuracy = MeanMetric()
+        self.bits_per_byte = MeanMetric()
+
+    def update(self, stats: dict[str, Tensor], num_bytes: Tensor) -> None:
+        tokens = stats["tokens"].clamp(min=1).float()
+        self.loss.update(stats["loss_sum"].detach() / tokens, tokens)
+        self.accuracy.update(stats["correct"] / tokens, tokens)
+        self.bits_per_byte.update(bits_per_byte(stats["loss_sum"].detach(), num_bytes), num_bytes.float())
+
+    def compute(self) -> dict[str, Tensor]:
+        loss = self.loss.compute()
+        return {
+            "loss": loss,
+            "accuracy": self.accuracy.compute(),
+            "perplexity": torch.exp(loss),
+            "bits_per_byte": self.bits_per_byte.compute(),
+        }
+
+    def reset(self) -> None:
+        for metric in (self.loss, self.accuracy, self.bits_per_byte):
+            metric.reset()
