@@ -38,7 +38,7 @@ class TokensPerSecond(Callback):
 
 
 class SaveOnInterrupt(Callback):
-    """The first Ctrl-C finishes the current step, saves ``last.ckpt`` and stops; a second one aborts at once.
+    """The first Ctrl-C ends training after the current step and leaves ``last.ckpt``; a second aborts at once.
 
     All processes agree on the stop at the same step, so the checkpoint is consistent under DDP.
     """
@@ -50,9 +50,6 @@ class SaveOnInterrupt(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore_handler()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handler()
@@ -71,10 +68,15 @@ class SaveOnInterrupt(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save after every other callback is done, so nothing writes over or beside this checkpoint."""
+        self._restore_handler()
+        if not trainer.should_stop or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         checkpoint = trainer.checkpoint_callback
         directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
         self.saved_to = directory / "last.ckpt"
         trainer.save_checkpoint(self.saved_to)
-        trainer.should_stop = True

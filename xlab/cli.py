@@ -12,11 +12,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from xlab.callbacks import SaveOnInterrupt, TokensPerSecond
+from xlab.checkpoint import read_checkpoint
 from xlab.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "defaults.yaml"
 INTERRUPTED_EXIT_CODE = 130
+LINKED_ARCH_KEYS = ("vocab_size", "context_length")
 
 
 class XLabTrainer(Trainer):
@@ -53,7 +55,8 @@ class XLabCLI(LightningCLI):
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
-        subcommand_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]}
+        defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}
+        parser_kwargs = {name: defaults for name in self.subcommands()} if run else defaults
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
@@ -61,7 +64,7 @@ class XLabCLI(LightningCLI):
             subclass_mode_data=True,
             trainer_class=XLabTrainer,
             trainer_defaults={"callbacks": [TokensPerSecond(), SaveOnInterrupt(), LearningRateMonitor("step")]},
-            parser_kwargs={name: subcommand_kwargs for name in self.subcommands()},
+            parser_kwargs=parser_kwargs,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,
@@ -87,8 +90,23 @@ class XLabCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
-        parser.link_arguments("data.vocab_size", "model.init_args.arch.vocab_size", apply_on="instantiate")
-        parser.link_arguments("data.context_length", "model.init_args.arch.context_length", apply_on="instantiate")
+        for key in LINKED_ARCH_KEYS:
+            parser.link_arguments(f"data.{key}", f"model.init_args.arch.{key}", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Rebuild the model from the checkpoint's architecture rather than the YAML's, except for the
+        shapes the data links in (they must agree anyway, and a link target cannot be set)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in (None, "last", "best", "hpc", "registry"):
+            return
+        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
+        if "arch" not in hparams:
+            return
+        arch = {key: value for key, value in hparams["arch"].items() if key not in LINKED_ARCH_KEYS}
+        class_path = self.config[subcommand].model.class_path
+        overrides = {subcommand: {"model": {"class_path": class_path, "init_args": {"arch": arch}}}}
+        self.config = self.parser.parse_object(overrides, self.config)
 
     def before_fit(self) -> None:
         """Refuse to start a new run over the checkpoints of an earlier one."""
@@ -154,6 +172,7 @@ def describe(error: BaseException) -> str:
     problem = _CLASS_PROBLEM.search(text)
     if problem:
         group, class_path, detail = problem.groups()
+        detail = detail.replace("unrecognized arguments: --", f"unknown option --{group}.init_args.")
         text = f"{group} ({class_path}): {detail}"
     if isinstance(error, ArgumentError):
         text += " (--print_config lists every valid key)"

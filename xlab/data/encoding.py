@@ -44,15 +44,19 @@ def write_packed(encoded: datasets.Dataset, path: Path, vocab_size: int) -> dict
 
     Streams in batches, so the array may be larger than memory. Returns the split's statistics.
     """
-    total = int(np.sum(encoded["length"])) + len(encoded)
+    if len(encoded) == 0:
+        lengths, byte_count = [], 0
+    else:
+        lengths, byte_count = encoded["length"], int(np.sum(encoded["bytes"]))
+    total = int(np.sum(lengths)) + len(lengths)
     with atomic_path(path) as temporary:
         array = np.lib.format.open_memmap(temporary, mode="w+", dtype=token_dtype(vocab_size), shape=(total,))
         offset = 0
-        for batch in encoded.select_columns(["ids"]).iter(batch_size=ENCODE_BATCH):
+        for batch in encoded.iter(batch_size=ENCODE_BATCH) if len(encoded) else ():
             for ids in batch["ids"]:
                 array[offset : offset + len(ids)] = ids
                 array[offset + len(ids)] = EOS_ID
                 offset += len(ids) + 1
         array.flush()
         del array
-    return {"documents": len(encoded), "bytes": int(np.sum(encoded["bytes"])), "tokens": total}
+    return {"documents": len(encoded), "bytes": byte_count, "tokens": total}

@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from xlab.data.encoding import encode_documents, write_packed
-from xlab.data.loading import PackedSequences, ResumableLoader, ResumableSampler
+from xlab.data.loading import PackedSequences, ResumableLoader, ResumableSampler, ShardSampler
 from xlab.data.sources import TEXT, PythonDocs, TextSource
 from xlab.data.splits import SplitFractions, split_indices
 from xlab.data.tokenizer import check_vocab_size, load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
@@ -118,9 +118,12 @@ class LMDataModule(LightningDataModule):
                 )
             self.datasets[split] = dataset
 
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
-        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        world_size, rank = self._world()
         if len(dataset) < self.batch_size * world_size:
             raise UserError(
                 f"the train split has {len(dataset)} sequences, fewer than one batch of {self.batch_size} "
@@ -130,13 +133,17 @@ class LMDataModule(LightningDataModule):
         return ResumableLoader(dataset, sampler, **self._loader_options(), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], **self._loader_options())
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], **self._loader_options())
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["predict"], **self._loader_options())
+        return self._evaluation_loader("predict")
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        dataset = self.datasets[split]
+        return DataLoader(dataset, sampler=ShardSampler(dataset, *self._world()), **self._loader_options())
 
     def _loader_options(self) -> dict:
         return {

@@ -48,6 +48,19 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
 
+class ShardSampler(DistributedSampler):
+    """Each rank takes every ``num_replicas``-th item in order, with no padding, so that metrics
+    summed over the ranks cover the split exactly once (DistributedSampler repeats items to even out ranks).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader whose ``state_dict`` records the epoch and the batches handed out in it.
 

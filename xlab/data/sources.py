@@ -110,6 +110,8 @@ class LocalFiles(TextSource):
         if len(builders) > 1:
             raise UserError(f"data.source.init_args.paths mixes file kinds ({', '.join(sorted(builders))}): use one kind")
         builder = builders.pop()
+        if all(os.path.getsize(name) == 0 for name in files):
+            raise UserError(f"every file named by data.source.init_args.paths is empty: {', '.join(self.paths)}")
         options = {"sample_by": self.sample_by} if builder == "text" else {}
         dataset = datasets.load_dataset(builder, data_files=files, split="train", **options)
         return _select_text(dataset, self.column if builder != "text" else TEXT, "data.source.init_args.column")

@@ -52,7 +52,7 @@ class LanguageModel(LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         stats = token_statistics(self(batch["input"]), batch["target"])
-        tokens = stats["tokens"].float()
+        tokens = stats["tokens"].clamp(min=1).float()
         loss = stats["loss_sum"] / tokens
         self.tokens_seen += batch["input"].numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
@@ -94,7 +94,10 @@ class LanguageModel(LightningModule):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": config.weight_decay, "name": "matrices"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"},
+            ],
             lr=config.lr,
             betas=config.betas,
             eps=config.eps,

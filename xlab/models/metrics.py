@@ -33,9 +33,10 @@ class LMMetrics(nn.Module):
         self.bits_per_byte = MeanMetric()
 
     def update(self, stats: dict[str, Tensor], num_bytes: Tensor) -> None:
-        tokens = stats["tokens"].clamp(min=1).float()
-        self.loss.update(stats["loss_sum"].detach() / tokens, tokens)
-        self.accuracy.update(stats["correct"] / tokens, tokens)
+        tokens = stats["tokens"].float()
+        per_token = tokens.clamp(min=1)
+        self.loss.update(stats["loss_sum"].detach() / per_token, tokens)
+        self.accuracy.update(stats["correct"] / per_token, tokens)
         self.bits_per_byte.update(bits_per_byte(stats["loss_sum"].detach(), num_bytes), num_bytes.float())
 
     def compute(self) -> dict[str, Tensor]:
