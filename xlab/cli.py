@@ -1,7 +1,9 @@
 """XLabCLI: one LightningCLI for training, evaluation and data preparation, configured in YAML."""
 
+import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +137,15 @@ class Interrupted(Exception):
 USER_MISTAKES = (UserError, ArgumentError, MisconfigurationException, FileNotFoundError)
 
 
+def quiet_third_party_noise() -> None:
+    """Drop an advertisement and a deprecation notice Lightning prints on every run; they say nothing about it."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def main(args: list[str] | None = None) -> int:
     """Run the CLI; map user mistakes to one line on stderr and a non-zero exit code."""
+    quiet_third_party_noise()
     try:
         XLabCLI(args)
     except Interrupted as stop:
