@@ -1,5 +1,6 @@
 """The command line end to end: fit, validate, test, data subcommands, resume and bad input."""
 
+import math
 import re
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tokenizers import Tokenizer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import ROOT, run_cli, run_script, tiny_args, write_corpus
@@ -36,11 +38,28 @@ def test_fit_validate_test_write_checkpoints_and_metrics(in_tmp: Path, corpus: P
     assert perplexity == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-4)
 
     checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)
+    tokenizer = Tokenizer.from_str(saved["LMDataModule"]["tokenizer"])
+    assert tokenizer.decode(tokenizer.encode("attention mixes").ids) == "attention mixes"
+    assert saved["hyper_parameters"]["arch"]["vocab_size"] == 300
     capsys.readouterr()
     assert run_cli("validate", *tiny_args(corpus), f"--ckpt_path={checkpoint}") == 0
     assert re.search(r"val/loss\s+│?\s*" + f"{loss:.4f}"[:5], capsys.readouterr().out)
     assert run_cli("test", *tiny_args(corpus), f"--ckpt_path={checkpoint}") == 0
     assert "test/bits_per_byte" in capsys.readouterr().out
+
+
+def test_bf16_mixed_precision_trains_on_cpu(in_tmp: Path, corpus: Path):
+    assert run_cli("fit", *tiny_args(corpus, "--trainer.precision=bf16-mixed", "--trainer.max_steps=30")) == 0
+    logged = scalars(in_tmp / "runs" / "defaults")
+    losses = [value for _, value in logged["train/loss"]]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.5
+
+
+def test_resuming_with_other_model_settings_is_one_clear_line(in_tmp: Path, corpus: Path, capsys):
+    assert run_cli("fit", *tiny_args(corpus, "--trainer.max_steps=5")) == 0
+    assert run_cli("fit", *tiny_args(corpus, "--model.init_args.arch.d_model=32", "--ckpt_path=last")) == 2
+    assert "do not fit the configured model (size mismatch" in capsys.readouterr().err
 
 
 def test_default_experiment_runs_on_the_embedded_corpus(in_tmp: Path):

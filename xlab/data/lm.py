@@ -121,6 +121,18 @@ class LMDataModule(LightningDataModule):
     def _world(self) -> tuple[int, int]:
         return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
 
+    def state_dict(self) -> dict[str, str]:
+        """Lightning stores this in every checkpoint, so the weights never travel without their tokenizer."""
+        return {"tokenizer": self.tokenizer.to_str()} if self.tokenizer else {}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        saved = state.get("tokenizer")
+        if saved and self.tokenizer and json.loads(saved) != json.loads(self.tokenizer.to_str()):
+            raise UserError(
+                f"the checkpoint was trained with another tokenizer than {self.tokenizer_path}: "
+                "use the data settings the checkpoint was trained with"
+            )
+
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
         world_size, rank = self._world()
