@@ -51,9 +51,8 @@ def test_decoder_sees_token_order(positions):
     """Swapping two earlier tokens changes the last prediction of a one-layer decoder.
 
     With one layer and no positions, the last query attends to a set of keys, so the swap
-    would change nothing; a difference is the position signal. Float64 because sinusoidal
-    positions (amplitude ~1) swamp the 0.02-std token embeddings at init, which makes the
-    difference small (~1e-6) though far above float64 rounding.
+    would change nothing; a difference is the position signal. Float64 so that the small
+    differences of an untrained model stand far above rounding.
     """
     torch.manual_seed(0)
     model = Decoder(tiny_config(positions=positions, n_layers=1)).double().eval()
@@ -86,6 +85,8 @@ def test_decoder_assembly(positions, placement, norm):
     tokens = torch.randint(0, config.vocab_size, (2, 7))
     positions_ = torch.arange(7)
     x = model.embed.weight[tokens]
+    if positions == "sinusoidal":  # the original Transformer's sqrt(d_model) embedding scale
+        x = x * config.d_model**0.5
     if positions == "learned":
         x = x + model.positions.table.weight[positions_]
     elif positions == "sinusoidal":

@@ -1,5 +1,7 @@
 """A decoder-only (GPT-style) transformer assembled from layers.py. Plain PyTorch, no Lightning."""
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +18,9 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         rotary = RotaryEmbedding(config) if config.positions == "rotary" else None
         self.positions = None if rotary else PositionEncoding(config)
+        # As in "Attention Is All You Need": without it the fixed unit-scale sinusoids drown
+        # the 0.02-scale token embeddings at initialisation.
+        self.embed_scale = math.sqrt(config.d_model) if config.positions == "sinusoidal" else 1.0
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, rotary=rotary) for _ in range(config.n_layers))
         self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
@@ -28,7 +33,7 @@ class Decoder(nn.Module):
         """Logits (batch, time, vocab) for token ids (batch, time); position t sees tokens 0..t only."""
         time = tokens.size(1)
         positions = torch.arange(time, device=tokens.device)
-        x = self.embed(tokens)
+        x = self.embed(tokens) * self.embed_scale
         if self.positions is not None:
             x = x + self.positions(positions)
         x = self.dropout(x)
