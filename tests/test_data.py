@@ -54,6 +54,18 @@ def test_tokenizer_round_trips_any_unicode_exactly():
     assert tokenizer.get_vocab_size() <= 400
 
 
+def test_extra_special_tokens_follow_pad_bos_eos_and_are_never_split():
+    texts = ["<|user|> hello <|sep|> world " * 20]
+    tokenizer = train_tokenizer(texts, vocab_size=300, extra_special_tokens=["<|user|>", "<|sep|>"])
+    assert [tokenizer.token_to_id(t) for t in (*SPECIAL_TOKENS, "<|user|>", "<|sep|>")] == [0, 1, 2, 3, 4]
+    assert tokenizer.encode("a<|sep|>b").ids[1] == 4
+    assert token_byte_lengths(tokenizer, 300)[[3, 4]].tolist() == [0, 0]
+    with pytest.raises(UserError, match="at least 261"):
+        train_tokenizer(["x"], vocab_size=260, extra_special_tokens=["<|a|>", "<|b|>"])
+    with pytest.raises(UserError, match="distinct"):
+        train_tokenizer(["x"], vocab_size=300, extra_special_tokens=["<|eos|>"])
+
+
 def test_token_byte_lengths_add_up_to_the_utf8_size():
     tokenizer = train_tokenizer([AWKWARD_TEXT], vocab_size=350)
     lengths = token_byte_lengths(tokenizer, 350)

@@ -4,6 +4,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import datasets
 import numpy as np
@@ -24,6 +25,12 @@ SPLITS = tuple(asdict(SplitFractions()))
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
+def _digest(value: object) -> str:
+    """A short stable hash for cache names."""
+    data = value if isinstance(value, bytes) else repr(value).encode()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
 class LMDataModule(LightningDataModule):
     """Loads a text source, splits it by document, trains a tokenizer on the train split and packs
     each split into ``context_length`` + 1 token windows separated by end-of-sequence tokens.
@@ -37,6 +44,7 @@ class LMDataModule(LightningDataModule):
         source: TextSource = lazy_instance(PythonDocs),
         context_length: int = 256,
         vocab_size: int = 4096,
+        special_tokens: Sequence[str] = (),
         splits: SplitFractions = SplitFractions(),
         seed: int = 42,
         batch_size: int = 32,
@@ -46,12 +54,13 @@ class LMDataModule(LightningDataModule):
         cache_dir: str = "cache",
     ):
         super().__init__()
-        check_vocab_size(vocab_size)
+        check_vocab_size(vocab_size, special_tokens)
         if context_length < 1 or batch_size < 1:
             raise UserError("data.context_length and data.batch_size must be at least 1")
         self.source = source
         self.context_length = context_length
         self.vocab_size = vocab_size
+        self.special_tokens = tuple(special_tokens)
         self.splits = splits
         self.seed = seed
         self.batch_size = batch_size
@@ -64,17 +73,16 @@ class LMDataModule(LightningDataModule):
 
     @property
     def data_dir(self) -> Path:
-        split_key = hashlib.sha256(repr((asdict(self.splits), self.seed)).encode()).hexdigest()[:8]
-        return self.cache_dir / f"{self.source.cache_key()}-split{split_key}"
+        return self.cache_dir / f"{self.source.cache_key()}-split{_digest((asdict(self.splits), self.seed))}"
 
     @property
     def tokenizer_path(self) -> Path:
         limit = f"-max{self.tokenizer_max_documents}" if self.tokenizer_max_documents else ""
-        return self.data_dir / f"tokenizer-bpe{self.vocab_size}{limit}.json"
+        extra = f"-special{_digest(self.special_tokens)}" if self.special_tokens else ""
+        return self.data_dir / f"tokenizer-bpe{self.vocab_size}{limit}{extra}.json"
 
     def tokens_dir(self) -> Path:
-        digest = hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()[:12]
-        return self.data_dir / f"tokens-{digest}"
+        return self.data_dir / f"tokens-{_digest(self.tokenizer_path.read_bytes())}"
 
     def prepare_data(self) -> None:
         """Load, split, train the tokenizer and encode every split, unless the cache already has them."""
@@ -99,7 +107,8 @@ class LMDataModule(LightningDataModule):
         if self.tokenizer_max_documents:
             train = train.select(range(min(len(train), self.tokenizer_max_documents)))
         batches = (batch[TEXT] for batch in train.iter(batch_size=1000))
-        save_tokenizer(train_tokenizer(batches, self.vocab_size, length=len(train)), self.tokenizer_path)
+        tokenizer = train_tokenizer(batches, self.vocab_size, self.special_tokens, length=len(train))
+        save_tokenizer(tokenizer, self.tokenizer_path)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Documents, bytes and tokens per split, as counted when the cache was written."""

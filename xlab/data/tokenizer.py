@@ -1,7 +1,7 @@
 """Train, save and load the byte-level BPE tokenizer; the special tokens are defined here and nowhere else."""
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -13,26 +13,37 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 PAD_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 BYTE_ALPHABET = 256
-MIN_VOCAB_SIZE = BYTE_ALPHABET + len(SPECIAL_TOKENS)
 
 
-def check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < MIN_VOCAB_SIZE:
+def special_tokens(extra: Sequence[str] = ()) -> list[str]:
+    """Padding, start and end at ids 0, 1, 2, which every model relies on, then the user's own."""
+    tokens = [*SPECIAL_TOKENS, *extra]
+    if len(set(tokens)) < len(tokens) or not all(extra):
+        raise UserError(f"data.special_tokens must be distinct, non-empty and not {', '.join(SPECIAL_TOKENS)}")
+    return tokens
+
+
+def check_vocab_size(vocab_size: int, extra_special_tokens: Sequence[str] = ()) -> None:
+    specials = len(special_tokens(extra_special_tokens))
+    if vocab_size < BYTE_ALPHABET + specials:
         raise UserError(
             f"data.vocab_size {vocab_size} is too small: a byte-level tokenizer needs {BYTE_ALPHABET} byte tokens "
-            f"plus {len(SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB_SIZE}"
+            f"plus {specials} special tokens, so at least {BYTE_ALPHABET + specials}"
         )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = None) -> Tokenizer:
-    """A byte-level BPE tokenizer: lossless for any Unicode text, special tokens at ids 0, 1, 2."""
-    check_vocab_size(vocab_size)
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, extra_special_tokens: Sequence[str] = (), length: int | None = None
+) -> Tokenizer:
+    """A byte-level BPE tokenizer: lossless for any Unicode text; pad, bos, eos at ids 0, 1, 2,
+    then ``extra_special_tokens``, which are never split or merged."""
+    check_vocab_size(vocab_size, extra_special_tokens)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=special_tokens(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -58,7 +69,7 @@ def token_byte_lengths(tokenizer: Tokenizer, size: int) -> np.ndarray:
     In byte-level BPE each character of a vocabulary entry stands for exactly one byte.
     """
     lengths = np.zeros(size, dtype=np.int64)
-    special = set(SPECIAL_TOKENS)
+    special = {added.content for added in tokenizer.get_added_tokens_decoder().values() if added.special}
     for token, index in tokenizer.get_vocab().items():
         if token not in special and index < size:
             lengths[index] = len(token)
