@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tokenizers import Tokenizer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tokenizers import Tokenizer
 
 from tests.conftest import ROOT, run_cli, run_script, tiny_args, write_corpus
 
@@ -114,7 +114,10 @@ def test_resume_from_last_is_exact(in_tmp: Path, corpus: Path):
     assert run_cli("fit", *common, "--trainer.logger.init_args.name=resumed") == 0
     last = in_tmp / "runs" / "resumed" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 10
-    assert run_cli("fit", *common, "--trainer.max_steps=20", "--trainer.logger.init_args.name=resumed", "--ckpt_path=last") == 0
+    assert (
+        run_cli("fit", *common, "--trainer.max_steps=20", "--trainer.logger.init_args.name=resumed", "--ckpt_path=last")
+        == 0
+    )
 
     straight = torch.load(in_tmp / "runs" / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
     resumed = torch.load(last, weights_only=False)
@@ -156,8 +159,10 @@ def test_unknown_key_in_a_config_file_is_one_clear_line(in_tmp: Path, corpus: Pa
     (in_tmp / "bad.yaml").write_text("model:\n  init_args:\n    arch:\n      n_layerz: 3\n")
     assert run_cli("fit", *tiny_args(corpus), "-c", "bad.yaml") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: model (xlab.models.lm.LanguageModel): Group 'arch' does not accept option 'n_layerz' "
-                   "(--print_config lists every valid key)"]
+    assert err == [
+        "error: model (xlab.models.lm.LanguageModel): Group 'arch' does not accept option 'n_layerz' "
+        "(--print_config lists every valid key)"
+    ]
 
 
 def test_empty_source_is_one_clear_line(in_tmp: Path, capsys):
@@ -194,7 +199,9 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path):
     saved_step = torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
     assert saved_step > 0
 
-    resumed = run_script("xlab.py", "fit", *args[:-2], f"--trainer.max_steps={saved_step + 3}", "--ckpt_path=last", cwd=tmp_path)
+    resumed = run_script(
+        "xlab.py", "fit", *args[:-2], f"--trainer.max_steps={saved_step + 3}", "--ckpt_path=last", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == saved_step + 3
 
@@ -209,7 +216,9 @@ def test_two_process_ddp_fits_and_reduces_metrics_across_ranks(tmp_path: Path):
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 10
 
     def validate(*extra: str) -> float:
-        result = run_script("xlab.py", "validate", *tiny_args(corpus, *extra), f"--ckpt_path={checkpoint}", cwd=tmp_path)
+        result = run_script(
+            "xlab.py", "validate", *tiny_args(corpus, *extra), f"--ckpt_path={checkpoint}", cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr
         return float(re.search(r"val/loss\s+│?\s*([0-9.]+)", result.stdout).group(1))
 

@@ -85,7 +85,7 @@ def test_python_docs_are_offline_deterministic_and_never_imported():
     size = sum(len(text) for text in documents["text"])
     assert 1_500_000 < size < 2_500_000
     assert documents["text"][:50] == PythonDocs().load()["text"][:50]
-    assert any(text.startswith("The \"assert\" statement") for text in documents["text"])
+    assert any(text.startswith('The "assert" statement') for text in documents["text"])
     assert "antigravity" not in sys.modules and "this" not in sys.modules
     assert source.cache_key().startswith(f"pydocs-{sys.implementation.name}")
 

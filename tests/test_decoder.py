@@ -24,7 +24,9 @@ def tiny_config(**overrides):
 
 
 VARIANTS = list(
-    itertools.product(["learned", "sinusoidal", "rotary"], ["pre", "post"], ["gelu", "relu", "swiglu"], ["layernorm", "rmsnorm"])
+    itertools.product(
+        ["learned", "sinusoidal", "rotary"], ["pre", "post"], ["gelu", "relu", "swiglu"], ["layernorm", "rmsnorm"]
+    )
 )
 
 
@@ -146,8 +148,14 @@ def test_gpt2_init_statistics():
     torch.manual_seed(1234)
     n_layers = 4
     config = TransformerConfig(
-        vocab_size=2000, context_length=256, n_layers=n_layers, d_model=256, n_heads=4,
-        n_kv_heads=2, tie_embeddings=False, positions="learned",
+        vocab_size=2000,
+        context_length=256,
+        n_layers=n_layers,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=2,
+        tie_embeddings=False,
+        positions="learned",
     )
     model = Decoder(config)
     residual_std = 0.02 / math.sqrt(2 * n_layers)
@@ -275,8 +283,15 @@ def test_default_d_ff_rule(d_model, activation):
 def test_flops_per_token_hand_count(activation, tie):
     """PaLM's 6 N + 12 L d T, where N counts matmul weights (head included, embedding lookup not)."""
     config = TransformerConfig(
-        vocab_size=10, context_length=8, n_layers=2, d_model=8, n_heads=2, n_kv_heads=1, d_ff=16,
-        activation=activation, tie_embeddings=tie,
+        vocab_size=10,
+        context_length=8,
+        n_layers=2,
+        d_model=8,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=16,
+        activation=activation,
+        tie_embeddings=tie,
     )
     model = Decoder(config)
     head_dim = 4

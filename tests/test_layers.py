@@ -37,7 +37,7 @@ def make_attention(config, rotary=None, seed=0):
     torch.manual_seed(seed)
     attn = Attention(config, rotary).double().eval()
     with torch.no_grad():
-        for name, param in attn.named_parameters():
+        for param in attn.parameters():
             param.normal_(0, 0.3 if param.dim() >= 2 else 0.1)
     return attn
 
@@ -223,9 +223,7 @@ def test_rotary_matches_complex_rotation():
     x = torch.randn(2, 3, 10, config.head_dim, dtype=torch.float64)
     positions = torch.tensor([0, 1, 2, 3, 5, 8, 13, 15, 9, 4])
     # The module's angle table is built in float32, hence 1e-5 rather than float64 tolerance.
-    torch.testing.assert_close(
-        rotary(x, positions), rotate_reference(x, positions, 500.0), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(rotary(x, positions), rotate_reference(x, positions, 500.0), rtol=1e-5, atol=1e-5)
     # Position 0 is the identity.
     torch.testing.assert_close(rotary(x, torch.zeros(10, dtype=torch.long)), x)
 

@@ -32,14 +32,14 @@ def test_token_statistics_match_cross_entropy(ignore_index):
         targets[:, 5:] = 0
         logits[:, 5:, 0] += 10.0  # predicting the padding token at padding positions is not "correct"
     stats = token_statistics(logits, targets, ignore_index=ignore_index)
-    expected_sum = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    expected_sum = F.cross_entropy(
+        logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
     expected_mean = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=ignore_index)
     torch.testing.assert_close(stats["loss_sum"], expected_sum)
     assert stats["tokens"].item() == 15
     torch.testing.assert_close(stats["loss_sum"] / stats["tokens"], expected_mean)
-    correct = sum(
-        int(logits[b, t].argmax() == targets[b, t]) for b in range(3) for t in range(5)
-    )
+    correct = sum(int(logits[b, t].argmax() == targets[b, t]) for b in range(3) for t in range(5))
     assert stats["correct"].item() == correct
 
 

@@ -83,8 +83,16 @@ def test_lambda_lr_follows_the_schedule(schedule):
 
 def make_lm(bias=True, norm="layernorm", tie=True, positions="learned", **optimizer):
     arch = TransformerConfig(
-        vocab_size=50, context_length=8, n_layers=2, d_model=16, n_heads=2, d_ff=32,
-        bias=bias, norm=norm, tie_embeddings=tie, positions=positions,
+        vocab_size=50,
+        context_length=8,
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        bias=bias,
+        norm=norm,
+        tie_embeddings=tie,
+        positions=positions,
     )
     options = dict(lr=1e-3, weight_decay=0.1, warmup_steps=4, decay_steps=40, min_lr_ratio=0.1)
     options.update(optimizer)

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from xlab.callbacks import SaveOnInterrupt, TokensPerSecond
 from xlab.checkpoint import read_checkpoint

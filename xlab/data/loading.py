@@ -1,6 +1,7 @@
 """Packed token sequences and a data loader that resumes mid-epoch exactly where a checkpoint left it."""
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -11,8 +11,9 @@ import os
 import sys
 import sysconfig
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import datasets
 
@@ -108,7 +109,9 @@ class LocalFiles(TextSource):
         files = self.files()
         builders = {_builder(f) for f in files}
         if len(builders) > 1:
-            raise UserError(f"data.source.init_args.paths mixes file kinds ({', '.join(sorted(builders))}): use one kind")
+            raise UserError(
+                f"data.source.init_args.paths mixes file kinds ({', '.join(sorted(builders))}): use one kind"
+            )
         builder = builders.pop()
         if all(os.path.getsize(name) == 0 for name in files):
             raise UserError(f"every file named by data.source.init_args.paths is empty: {', '.join(self.paths)}")

@@ -1,7 +1,7 @@
 """Train, save and load the byte-level BPE tokenizer; the special tokens are defined here and nowhere else."""
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

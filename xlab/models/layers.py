@@ -104,9 +104,7 @@ class Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, -1))
 
 
-def attention_mask(
-    query_len: int, key_padding: Tensor | None, causal: bool, device: torch.device
-) -> Tensor | None:
+def attention_mask(query_len: int, key_padding: Tensor | None, causal: bool, device: torch.device) -> Tensor | None:
     """A boolean (batch or 1, 1, query, key) mask, or None when a plain causal or full attention will do.
 
     ``key_padding`` is (batch, key) and True at padding positions.
@@ -142,7 +140,9 @@ class Block(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:
         norms = iter(self.norms)
-        x = self._residual(x, next(norms), lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, positions=positions))
+        x = self._residual(
+            x, next(norms), lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, positions=positions)
+        )
         if self.cross_attn is not None:
             x = self._residual(x, next(norms), lambda h: self.cross_attn(h, context=context, mask=context_mask))
         return self._residual(x, next(norms), self.mlp)

@@ -104,7 +104,9 @@ class LanguageModel(LightningModule):
         )
         decay_steps = config.decay_steps or self.trainer.estimated_stepping_batches
         if decay_steps == float("inf"):
-            raise UserError("the run has no step limit: set trainer.max_steps, trainer.max_epochs or model.optimizer.decay_steps")
+            raise UserError(
+                "the run has no step limit: set trainer.max_steps, trainer.max_epochs or model.optimizer.decay_steps"
+            )
         schedule = WarmupCosine(config.warmup_steps, int(decay_steps), config.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
