@@ -134,8 +134,8 @@ def test_padding_mask_matches_reference(causal):
     x = torch.randn(3, 7, 24, dtype=torch.float64)
     mask = attention_mask(7, pad, causal=causal, device=x.device)
     allowed = ~pad[:, None, None, :]
-    if causal:
-        allowed = allowed & causal_allowed(7, 7)
+    if causal:  # a padding query also sees itself, so that no row is empty
+        allowed = (allowed & causal_allowed(7, 7)) | torch.eye(7, dtype=torch.bool)
     out = attn(x, mask=mask, is_causal=causal)
     torch.testing.assert_close(out, reference_attention(attn, x, allowed=allowed), **TOL)
     # Changing the padded positions' content must not change the outputs at real positions.
@@ -166,7 +166,7 @@ def test_grouped_query_attention_matches_reference(n_kv_heads, masking):
     else:
         pad = padding([6, 3], 6)
         out = attn(x, mask=attention_mask(6, pad, causal=True, device=x.device))
-        allowed = ~pad[:, None, None, :] & causal_allowed(6, 6)
+        allowed = (~pad[:, None, None, :] & causal_allowed(6, 6)) | torch.eye(6, dtype=torch.bool)
     torch.testing.assert_close(out, reference_attention(attn, x, allowed=allowed), **TOL)
 
 
@@ -285,7 +285,8 @@ def test_attention_mask_causal_with_padding_values():
     for b in range(2):
         for i in range(4):
             for j in range(4):
-                assert mask[b, 0, i, j].item() == (j <= i and not pad[b, j].item()), (b, i, j)
+                # A padding query may see itself, so that no row is empty (an empty row gives NaN).
+                assert mask[b, 0, i, j].item() == ((j <= i and not pad[b, j].item()) or i == j), (b, i, j)
 
 
 def test_attention_mask_padding_only_broadcasts_over_queries():

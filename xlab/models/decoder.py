@@ -5,6 +5,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from xlab.models.cache import KVCache
 from xlab.models.config import TransformerConfig
 from xlab.models.layers import Block, PositionEncoding, RotaryEmbedding, init_gpt2, make_norm
 
@@ -29,17 +30,38 @@ class Decoder(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits (batch, time, vocab) for token ids (batch, time); position t sees tokens 0..t only."""
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits (batch, time, vocab) for token ids (batch, time); position t sees tokens 0..t only.
+
+        For generation: ``positions`` (time,) or (batch, time) default to those after the cached
+        ones; ``mask`` (see layers.attention_mask) replaces plain causal attention, for padding;
+        ``cache`` receives this call's keys and values.
+        """
         time = tokens.size(1)
-        positions = torch.arange(time, device=tokens.device)
+        offset = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(offset, offset + time, device=tokens.device)
         x = self.embed(tokens) * self.embed_scale
         if self.positions is not None:
             x = x + self.positions(positions)
         x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x, is_causal=True, positions=positions)
+        for index, block in enumerate(self.blocks):
+            layer_cache = cache.layer(index) if cache is not None else None
+            x = block(x, mask=mask, is_causal=mask is None, positions=positions, cache=layer_cache)
+        if cache is not None:
+            cache.advance(time)
         return self.head(self.final_norm(x))
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``capacity`` positions, on this model's device and dtype."""
+        cfg, weight = self.config, self.embed.weight
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, capacity, weight.dtype, weight.device)
 
     def num_parameters(self, exclude_embeddings: bool = True) -> int:
         """Parameter count; by default without the embedding tables, as in the scaling-law papers."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xlab.models.cache import LayerCache
 from xlab.models.config import TransformerConfig
 
 
@@ -54,8 +55,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate ``x`` of shape (batch, heads, time, head_dim) by the angles of ``positions`` (time,)."""
+        """Rotate ``x`` (batch, heads, time, head_dim) by the angles of ``positions``, (time,) or (batch, time)."""
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -63,7 +66,8 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with grouped-query key/value heads, through F.scaled_dot_product_attention.
 
-    Self-attention when ``context`` is None, cross-attention to ``context`` otherwise.
+    Self-attention when ``context`` is None, cross-attention to ``context`` otherwise. With a
+    ``cache``, the new keys and values are appended to it and the queries attend to all of them.
     """
 
     def __init__(self, config: TransformerConfig, rotary: RotaryEmbedding | None = None):
@@ -82,8 +86,12 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         is_causal: bool = False,
         positions: Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> Tensor:
-        """``mask``: boolean, True where a query may attend a key, broadcastable to (batch, heads, q, k)."""
+        """``mask``: boolean, True where a query may attend a key, broadcastable to (batch, heads, q, k).
+
+        ``is_causal`` with more keys than queries (a cache) aligns the queries with the last keys.
+        """
         batch, time, _ = x.shape
         source = x if context is None else context
         q = self.q_proj(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
@@ -92,6 +100,12 @@ class Attention(nn.Module):
         if self.rotary is not None and context is None:
             positions = torch.arange(time, device=x.device) if positions is None else positions
             q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if is_causal and mask is None and k.size(2) != time:
+            is_causal = False
+            if time > 1:
+                mask = torch.ones(time, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - time)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -107,14 +121,18 @@ class Attention(nn.Module):
 def attention_mask(query_len: int, key_padding: Tensor | None, causal: bool, device: torch.device) -> Tensor | None:
     """A boolean (batch or 1, 1, query, key) mask, or None when a plain causal or full attention will do.
 
-    ``key_padding`` is (batch, key) and True at padding positions.
+    ``key_padding`` is (batch, key) and True at padding positions; queries are the last
+    ``query_len`` keys. Causally, a padding query still sees itself: a row with nothing to
+    attend would make NaNs that later layers read as keys.
     """
     if key_padding is None:
         return None
     mask = ~key_padding[:, None, None, :]
     if causal:
         key_len = key_padding.size(1)
-        mask = mask & torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
+        seen = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
+        itself = seen & ~seen.tril(key_len - query_len - 1)
+        mask = (mask & seen) | itself
     return mask
 
 
@@ -138,10 +156,13 @@ class Block(nn.Module):
         positions: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> Tensor:
         norms = iter(self.norms)
         x = self._residual(
-            x, next(norms), lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, positions=positions)
+            x,
+            next(norms),
+            lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, positions=positions, cache=cache),
         )
         if self.cross_attn is not None:
             x = self._residual(x, next(norms), lambda h: self.cross_attn(h, context=context, mask=context_mask))
