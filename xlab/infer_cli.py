@@ -1,0 +1,123 @@
+"""``./infer.py``: continue prompts with a trained model, from the command line."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+
+import torch
+from tokenizers import Tokenizer
+
+from xlab.checkpoint import load_model
+from xlab.errors import UserError
+from xlab.generation import Generation, GenerationConfig, StopStrings, generate
+
+HELP = {
+    "max_new_tokens": "tokens to generate at most",
+    "do_sample": "sample from the distribution instead of taking the most likely token",
+    "temperature": "divide logits by this before sampling (0: greedy)",
+    "top_k": "sample among the k most likely tokens only (0: all)",
+    "top_p": "sample among the most likely tokens whose probability adds up to p (nucleus)",
+    "min_p": "drop tokens less likely than min_p times the most likely one",
+    "repetition_penalty": "penalise tokens already in the prompt or output (>1 discourages repeats)",
+    "num_beams": "beam search with this many beams (1: no beam search)",
+    "length_penalty": "beam score = log-prob / length ** length_penalty",
+    "early_stopping": "stop beam search as soon as num_beams sequences have ended",
+    "num_return_sequences": "continuations per prompt (samples, or the best beams)",
+    "stop": "end a continuation at this string (repeatable); the output stops just before it",
+    "seed": "random seed, for reproducible sampling",
+    "context_policy": "when the context is full: stop, or slide the window",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infer.py",
+        description="Continue prompts with an XLab model. Options follow Hugging Face generate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="training checkpoint (.ckpt)")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue; several are one batch")
+    parser.add_argument("--file", help="read prompts from this file, one per line ('-': standard input)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    for spec in fields(GenerationConfig):
+        default = spec.default if spec.default is not MISSING else spec.default_factory()
+        name = "--" + spec.name.replace("_", "-")
+        if spec.name == "stop":
+            parser.add_argument(name, action="append", default=[], help=HELP[spec.name])
+        elif isinstance(default, bool):
+            parser.add_argument(name, action="store_true", help=HELP[spec.name])
+        elif spec.name == "context_policy":
+            parser.add_argument(name, choices=("stop", "slide"), default=default, help=HELP[spec.name])
+        else:
+            kind = int if spec.name == "seed" else type(default)
+            parser.add_argument(name, type=kind, default=default, help=HELP[spec.name])
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file:
+        try:
+            text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+        except OSError as error:
+            raise UserError(f"cannot read prompts from {args.file}: {error.strerror}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: give one after the checkpoint, or --file")
+    return prompts
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        raise UserError(f"device '{name}' is not available here: use auto, cpu, cuda or cuda:N") from None
+    return device
+
+
+class Streamer:
+    """Prints one row's new text as it is generated, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop, self.printed = tokenizer, StopStrings(stop, tokenizer), ""
+
+    def __call__(self, generated: list[list[int]]) -> None:
+        text = self.stop.cut(self.tokenizer.decode(generated[0], skip_special_tokens=True))
+        if text.endswith("\ufffd"):
+            return
+        print(text[len(self.printed) :], end="", flush=True)
+        self.printed = text
+
+
+def print_results(prompts: list[str], results: list[list[Generation]], with_scores: bool) -> None:
+    for index, (prompt, generations) in enumerate(zip(prompts, results)):
+        for rank, generation in enumerate(generations):
+            if len(prompts) > 1 or len(generations) > 1:
+                score = f" score {generation.score:.3f}" if with_scores else ""
+                print(f"--- prompt {index + 1}, sequence {rank + 1}{score}")
+            print(prompt + generation.text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = {spec.name: getattr(args, spec.name) for spec in fields(GenerationConfig)}
+        config = GenerationConfig(**options)
+        prompts = read_prompts(args)
+        model, tokenizer = load_model(args.checkpoint, resolve_device(args.device))
+        stream = not args.no_stream and len(prompts) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
+        if stream:
+            print(prompts[0], end="", flush=True)
+            generate(model, tokenizer, prompts, config, on_step=Streamer(tokenizer, config.stop))
+            print()
+        else:
+            print_results(prompts, generate(model, tokenizer, prompts, config), with_scores=True)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
