@@ -49,6 +49,17 @@ def test_fit_validate_test_write_checkpoints_and_metrics(in_tmp: Path, corpus: P
     assert "test/bits_per_byte" in capsys.readouterr().out
 
 
+def test_sample_text_reaches_tensorboard(in_tmp: Path, corpus: Path):
+    sampler = ["--trainer.callbacks+=xlab.callbacks.SampleText", "--trainer.callbacks.prompts=[The model, attention]"]
+    assert run_cli("fit", *tiny_args(corpus, *sampler, "--trainer.callbacks.every_n_steps=4")) == 0
+    events = EventAccumulator(str(in_tmp / "runs" / "defaults"), size_guidance={"tensors": 0})
+    events.Reload()
+    samples = events.Tensors("samples/text_summary")
+    assert [event.step for event in samples] == [4, 8, 10]
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("    The model") and "\n\n    attention" in text
+
+
 def test_bf16_mixed_precision_trains_on_cpu(in_tmp: Path, corpus: Path):
     assert run_cli("fit", *tiny_args(corpus, "--trainer.precision=bf16-mixed", "--trainer.max_steps=30")) == 0
     logged = scalars(in_tmp / "runs" / "defaults")

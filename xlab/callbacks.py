@@ -1,4 +1,4 @@
-"""Callbacks every run gets: throughput logging and a Ctrl-C that leaves a resumable checkpoint."""
+"""Callbacks: throughput logging, a Ctrl-C that leaves a resumable checkpoint, sample text in TensorBoard."""
 
 import signal
 import time
@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from xlab.errors import UserError
+from xlab.generation import GenerationConfig, generate
 
 
 class TokensPerSecond(Callback):
@@ -80,3 +83,50 @@ class SaveOnInterrupt(Callback):
         directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
         self.saved_to = directory / "last.ckpt"
         trainer.save_checkpoint(self.saved_to)
+
+
+class SampleText(Callback):
+    """Every ``every_n_steps`` optimizer steps, continue a few fixed prompts and write them to
+    TensorBoard's text tab (tag ``samples``), so a run shows what the model writes as it learns."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        every_n_steps: int = 500,
+        max_new_tokens: int = 48,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        seed: int = 0,
+    ):
+        if every_n_steps < 1:
+            raise UserError(f"SampleText every_n_steps must be at least 1, got {every_n_steps}")
+        self.prompts = prompts
+        self.every_n_steps = every_n_steps
+        self.config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k, seed=seed
+        )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.write_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step % self.every_n_steps and trainer.is_global_zero:
+            self.write_samples(trainer, pl_module)
+
+    def write_samples(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_text"):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        results = generate(pl_module.model, trainer.datamodule.tokenizer, self.prompts, self.config)
+        pl_module.train(was_training)
+        # Indented lines are a code block in TensorBoard's markdown, which keeps the model's line breaks.
+        text = "\n\n".join(
+            "    " + (prompt + generations[0].text).replace("\n", "\n    ")
+            for prompt, generations in zip(self.prompts, results)
+        )
+        experiment.add_text("samples", text, trainer.global_step)
