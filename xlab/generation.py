@@ -222,8 +222,9 @@ class Rows:
 
     def prefill(self) -> Tensor:
         """Logits of the next token after each row's prompt."""
-        mask = attention_mask(self.tokens.size(1), self.padding, causal=True, device=self.tokens.device)
-        logits = self.model(self.tokens, positions=self.positions, mask=mask if self.padded else None, cache=self.cache)
+        padding = self.padding if self.padded else None
+        mask = attention_mask(self.tokens.size(1), padding, causal=True, device=self.tokens.device)
+        logits = self.model(self.tokens, positions=self.positions, mask=mask, cache=self.cache)
         self.next_position = self.positions[:, -1] + 1
         return logits[:, -1]
 
@@ -379,8 +380,9 @@ def beam_search(
         logits = batch.step(token_tensor)
     for prompt, hyps in enumerate(hypotheses):
         if not done[prompt]:
-            for beam in range(beams):
-                hyps.add(sequences[prompt * beams + beam], beam_scores[prompt, beam].item())
+            for beam, score in enumerate(beam_scores[prompt].tolist()):
+                if score > -math.inf:
+                    hyps.add(sequences[prompt * beams + beam], score)
     return [[(ids, score) for score, ids in hyps.items[: config.num_return_sequences]] for hyps in hypotheses]
 
 
