@@ -1,21 +1,42 @@
-"""Reading training checkpoints safely: tensors and plain containers only, never arbitrary objects."""
+"""Checkpoints and exports: the one place models are read from files and exports are written.
 
+A training checkpoint is Lightning's file, read with ``torch.load(weights_only=True)``. An
+export is one safetensors file: the weights plus JSON metadata (architecture, tokenizer,
+training progress), read with no unpickling at all.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from xlab.errors import UserError
+from xlab.files import atomic_path
 from xlab.models.config import TransformerConfig
 from xlab.models.decoder import Decoder
+
+EXPORT_FORMAT = "xlab-export/1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIED_WEIGHT = "head.weight"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and what is known of its training (step, tokens, metrics)."""
+
+    model: Decoder
+    tokenizer: Tokenizer
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents, loaded with ``weights_only=True``; a UserError if it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+    path = _existing(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -26,19 +47,102 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decoder, Tokenizer]:
-    """The language model and tokenizer of a training checkpoint, in eval mode on ``device``."""
+    """The language model and tokenizer of a training checkpoint or an export, in eval mode on ``device``."""
+    loaded = load(path)
+    return loaded.model.to(device).eval(), loaded.tokenizer
+
+
+def load(path: str | Path) -> LoadedModel:
+    """A training checkpoint or an export, told apart by content, not by name."""
+    path = _existing(path)
+    return _load_export(path) if is_export(path) else _load_training_checkpoint(path)
+
+
+def is_export(path: Path) -> bool:
+    """Whether the file starts like safetensors: an 8-byte little-endian header length, then a JSON object."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file")
+    return path
+
+
+def _load_training_checkpoint(path: Path) -> LoadedModel:
     checkpoint = read_checkpoint(path)
     arch = checkpoint.get("hyper_parameters", {}).get("arch")
-    tokenizer_json = next(
-        (v["tokenizer"] for v in checkpoint.values() if isinstance(v, dict) and "tokenizer" in v), None
-    )
-    if arch is None or tokenizer_json is None:
+    tokenizer = next((v["tokenizer"] for v in checkpoint.values() if isinstance(v, dict) and "tokenizer" in v), None)
+    if arch is None or tokenizer is None:
         raise UserError(f"{path} is not an XLab language-model checkpoint: it has no architecture or tokenizer")
-    model = Decoder(TransformerConfig(**arch))
     prefix = "model."
     weights = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model = _build(path, TransformerConfig(**arch), weights)
+    return LoadedModel(model, Tokenizer.from_str(tokenizer), _training_progress(checkpoint))
+
+
+def _training_progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    progress = {key: checkpoint[key] for key in ("global_step", "epoch", "tokens_seen") if key in checkpoint}
+    for state in checkpoint.get("callbacks", {}).values():
+        if state.get("best_model_score") is not None:
+            progress[f"best {state['monitor']}"] = float(state["best_model_score"])
+    return progress
+
+
+def _build(path: Path, config: TransformerConfig, weights: dict[str, torch.Tensor]) -> Decoder:
+    model = Decoder(config)
+    if config.tie_embeddings:
+        weights = {name: tensor for name, tensor in weights.items() if name != TIED_WEIGHT}
+    model.to(next(iter(weights.values())).dtype)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - ({TIED_WEIGHT} if config.tie_embeddings else set()):
+        raise UserError(f"{path}: its weights do not match its recorded architecture")
+    return model
+
+
+def _load_export(path: Path) -> LoadedModel:
     try:
-        model.load_state_dict(weights)
-    except RuntimeError:
-        raise UserError(f"{path}: its weights do not match its recorded architecture") from None
-    return model.to(device).eval(), Tokenizer.from_str(tokenizer_json)
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        raise UserError(f"{path} is not a readable export: it is truncated or corrupt") from None
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{path} is a safetensors file but not an XLab export (format {metadata.get('format')!r})")
+    config = TransformerConfig(**json.loads(metadata["arch"]))
+    model = _build(path, config, weights)
+    return LoadedModel(model, Tokenizer.from_str(metadata["tokenizer"]), json.loads(metadata["training"]))
+
+
+def export(source: str | Path, output: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
+    """Write the weights, architecture, tokenizer and training progress of ``source`` as one safetensors file.
+
+    Written under a temporary name and renamed into place; an existing ``output`` is kept unless ``force``.
+    """
+    output = Path(output)
+    _check_output(output, force)
+    loaded = load(source)
+    tensors = {
+        name: tensor.to(DTYPES[dtype]).contiguous()
+        for name, tensor in loaded.model.state_dict().items()
+        if not (loaded.model.config.tie_embeddings and name == TIED_WEIGHT)
+    }
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "arch": json.dumps(asdict(loaded.model.config)),
+        "tokenizer": loaded.tokenizer.to_str(),
+        "training": json.dumps(loaded.training),
+    }
+    with atomic_path(output) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return output
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if not output.parent.is_dir():
+        raise UserError(f"the output directory {output.parent} does not exist: create it or choose another -o")
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists: pass --force to replace it")

@@ -14,6 +14,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -28,3 +29,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, value: object) -> None:
     write_atomic(path, json.dumps(value, indent=2).encode())
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,68 @@
+"""``./manage.py``: export checkpoints and inspect model files."""
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from xlab.checkpoint import DTYPES, LoadedModel, export, is_export, load
+from xlab.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manage.py", description="Export and inspect XLab models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    exporter = commands.add_parser(
+        "export-checkpoint",
+        help="weights + architecture + tokenizer as one safetensors file, safe to load and share",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exporter.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
+    exporter.add_argument("-o", "--output", type=Path, help="output file (default: CHECKPOINT with .safetensors)")
+    exporter.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="precision of the stored weights")
+    exporter.add_argument("--force", action="store_true", help="replace an existing output")
+    inspector = commands.add_parser("inspect", help="architecture, parameters, tokenizer and training progress")
+    inspector.add_argument("path", type=Path, help="training checkpoint or export")
+    return parser
+
+
+def describe(path: Path, loaded: LoadedModel) -> str:
+    model, config = loaded.model, loaded.model.config
+    kind = "export" if is_export(path) else "training checkpoint"
+    lines = [
+        f"file        {path} ({path.stat().st_size / 2**20:.1f} MiB, {kind})",
+        f"model       decoder: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads "
+        f"({config.n_kv_heads} key/value), d_ff {config.d_ff}, {config.activation}, {config.norm} "
+        f"({config.norm_placement}-norm), {config.positions} positions, context {config.context_length} "
+        f"of {config.max_positions}, vocab {config.vocab_size}, bias {config.bias}, tied {config.tie_embeddings}",
+        f"parameters  {sum(p.numel() for p in model.parameters()):,} "
+        f"({model.num_parameters():,} without embeddings), {next(model.parameters()).dtype}",
+    ]
+    by_module: dict[str, int] = defaultdict(int)
+    for name, parameter in model.named_parameters():
+        by_module[".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]] += (
+            parameter.numel()
+        )
+    lines += [f"  {name:<12}{count:>14,}" for name, count in by_module.items()]
+    specials = sum(token.special for token in loaded.tokenizer.get_added_tokens_decoder().values())
+    lines.append(f"tokenizer   {loaded.tokenizer.get_vocab_size():,} tokens ({specials} special)")
+    if loaded.training:
+        lines.append(
+            "training    " + ", ".join(f"{key.replace('_', ' ')} {value:,}" for key, value in loaded.training.items())
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "export-checkpoint":
+            output = args.output or args.checkpoint.with_suffix(".safetensors")
+            export(args.checkpoint, output, args.dtype, args.force)
+            print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+        else:
+            print(describe(args.path, load(args.path)))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
