@@ -14,13 +14,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from xlab.callbacks import SaveOnInterrupt, TokensPerSecond
-from xlab.checkpoint import read_checkpoint
+from xlab.checkpoint import architecture, is_export, load
 from xlab.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "defaults.yaml"
 INTERRUPTED_EXIT_CODE = 130
 LINKED_ARCH_KEYS = ("vocab_size", "context_length")
+NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")  # names Lightning resolves itself
 
 
 class XLabTrainer(Trainer):
@@ -100,15 +101,26 @@ class XLabCLI(LightningCLI):
         shapes the data links in (they must agree anyway, and a link target cannot be set)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path in (None, "last", "best", "hpc", "registry"):
+        if ckpt_path in (None, *NAMED_CHECKPOINTS):
             return
-        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
-        if "arch" not in hparams:
+        recorded = architecture(ckpt_path)
+        if recorded is None:
             return
-        arch = {key: value for key, value in hparams["arch"].items() if key not in LINKED_ARCH_KEYS}
+        arch = {key: value for key, value in recorded.items() if key not in LINKED_ARCH_KEYS}
         class_path = self.config[subcommand].model.class_path
         overrides = {subcommand: {"model": {"class_path": class_path, "init_args": {"arch": arch}}}}
         self.config = self.parser.parse_object(overrides, self.config)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning reads only its own checkpoints: load an export's weights here and give it none."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        path = kwargs.get("ckpt_path")
+        if path not in (None, *NAMED_CHECKPOINTS) and is_export(Path(path)):
+            if subcommand == "fit":
+                raise UserError(f"{path} is an export, without optimizer state: resume from a training checkpoint")
+            self.model.model.load_state_dict(load(path).model.state_dict())
+            kwargs["ckpt_path"] = None
+        return kwargs
 
     def before_fit(self) -> None:
         """Refuse to start a new run over the checkpoints of an earlier one."""
