@@ -73,7 +73,11 @@ class GenerationConfig:
                 self.num_beams == 1 and not self.sampling and self.num_return_sequences > 1,
                 "greedy decoding returns one sequence: use sampling or beam search for num_return_sequences > 1",
             ),
-            (self.num_beams > 1 and self.do_sample, "beam search with sampling is not supported: drop one"),
+            (self.num_beams > 1 and self.do_sample, "num_beams > 1 cannot be combined with do_sample: drop one"),
+            (
+                self.num_beams > 1 and self.context_policy == "slide",
+                "context_policy 'slide' works with greedy decoding and sampling, not with num_beams > 1",
+            ),
             (any(not s for s in self.stop), "stop strings must not be empty"),
         ]
         for failed, message in problems:
@@ -150,6 +154,10 @@ class StopStrings:
     def found(self, ids: list[int]) -> bool:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return any(s in text for s in self.strings)
+
+    def partial_match(self, text: str) -> int:
+        """Length of the longest ending of ``text`` that begins a stop string (and may yet complete it)."""
+        return max((k for s in self.strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
     def cut(self, text: str) -> str:
         """``text`` up to, not including, the earliest stop string."""

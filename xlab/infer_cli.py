@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from xlab.checkpoint import load_model
 from xlab.errors import UserError
-from xlab.generation import Generation, GenerationConfig, StopStrings, generate
+from xlab.generation import Generation, GenerationConfig, StopStrings, encode_prompt, generate
 
 HELP = {
     "max_new_tokens": "tokens to generate at most",
@@ -81,7 +81,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Streamer:
-    """Prints one row's new text as it is generated, holding back incomplete UTF-8 characters."""
+    """Prints one row's new text as it is generated.
+
+    Holds back an incomplete UTF-8 character and any ending that could be the start of a
+    stop string, so that nothing printed is ever cut later; ``finish`` prints the rest.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
         self.tokenizer, self.stop, self.printed = tokenizer, StopStrings(stop, tokenizer), ""
@@ -90,8 +94,15 @@ class Streamer:
         text = self.stop.cut(self.tokenizer.decode(generated[0], skip_special_tokens=True))
         if text.endswith("\ufffd"):
             return
+        self._print(text[: len(text) - self.stop.partial_match(text)])
+
+    def finish(self, text: str) -> None:
+        self._print(text)
+        print()
+
+    def _print(self, text: str) -> None:
         print(text[len(self.printed) :], end="", flush=True)
-        self.printed = text
+        self.printed = max(self.printed, text, key=len)
 
 
 def print_results(prompts: list[str], results: list[list[Generation]], with_scores: bool) -> None:
@@ -110,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         config = GenerationConfig(**options)
         prompts = read_prompts(args)
         model, tokenizer = load_model(args.checkpoint, resolve_device(args.device))
+        for index, prompt in enumerate(prompts):
+            encode_prompt(tokenizer, prompt, index, model.config.max_positions)
         stream = not args.no_stream and len(prompts) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
         if stream:
             print(prompts[0], end="", flush=True)
-            generate(model, tokenizer, prompts, config, on_step=Streamer(tokenizer, config.stop))
-            print()
+            streamer = Streamer(tokenizer, config.stop)
+            streamer.finish(generate(model, tokenizer, prompts, config, on_step=streamer)[0][0].text)
         else:
             print_results(prompts, generate(model, tokenizer, prompts, config), with_scores=True)
     except UserError as error:
