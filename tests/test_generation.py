@@ -715,13 +715,7 @@ def test_context_policy_slide_continues_past_the_context():
     assert [len(row[0][0]) for row in batch] == [steps, steps]
 
 
-def test_beam_search_does_not_silently_ignore_slide():
-    """A user who asks beam search to slide gets either a sliding search or a UserError, not a short result."""
-    model = no_eos(max_positions=8)
-    try:
-        results = beam_search(
-            model, [[5, 6, 7]], GenerationConfig(max_new_tokens=20, num_beams=2, context_policy="slide")
-        )
-    except UserError:
-        return
-    assert [len(ids) for ids, _ in results[0]] == [20]
+def test_beam_search_refuses_to_slide():
+    """Beam search cannot slide its window; asking for it is an error, not a silently short result."""
+    with pytest.raises(UserError, match="context_policy 'slide'.*num_beams"):
+        GenerationConfig(max_new_tokens=20, num_beams=2, context_policy="slide")
