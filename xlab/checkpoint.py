@@ -1,4 +1,5 @@
-"""Checkpoints and exports: the one place models are read from files and exports are written.
+"""Checkpoints and exports: the one place models are read from files and exports are written
+(exports for Hugging Face transformers: xlab/hf.py, from what ``load`` returns).
 
 A training checkpoint is Lightning's file, read with ``torch.load(weights_only=True)``. An
 export is one safetensors file: the weights plus metadata (architecture and training progress
@@ -141,7 +142,7 @@ def export(source: str | Path, output: str | Path, dtype: str = "fp32", force: b
     Written under a temporary name and renamed into place; an existing ``output`` is kept unless ``force``.
     """
     output = Path(output)
-    _check_output(output, force)
+    check_output(output, force)
     loaded = load(source)
     tensors = {
         name: tensor.to(DTYPES[dtype]).contiguous()
@@ -160,7 +161,8 @@ def export(source: str | Path, output: str | Path, dtype: str = "fp32", force: b
     return output
 
 
-def _check_output(output: Path, force: bool) -> None:
+def check_output(output: Path, force: bool) -> None:
+    """A UserError unless ``output`` can be written: its directory exists, and it does not or ``force`` is given."""
     if not output.parent.is_dir():
         raise UserError(f"the output directory {output.parent} does not exist: create it or choose another -o")
     if output.exists() and not force:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,43 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; put it in ``path``'s place only if the block succeeds.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``path`` is first moved
+    aside and deleted once the new one is in place: whatever fails, ``path`` is the old or the
+    new version, never a mix (it is missing only between the two renames).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    previous = path.with_name(f".{path.name}.{os.getpid()}.old")
+    _remove(temporary)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if path.exists() or path.is_symlink():
+            _remove(previous)
+            os.replace(path, previous)
+            try:
+                os.replace(temporary, path)
+            except BaseException:
+                os.replace(previous, path)
+                raise
+            _remove(previous)
+        else:
+            os.replace(temporary, path)
+    finally:
+        _remove(temporary)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from xlab.checkpoint import DTYPES, LoadedModel, export, is_export, load
 from xlab.errors import UserError
+from xlab.hf import default_output, export_hf
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,11 +15,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     exporter = commands.add_parser(
         "export-checkpoint",
-        help="weights + architecture + tokenizer as one safetensors file, safe to load and share",
+        help="weights + architecture + tokenizer as one safetensors file, safe to load and share, "
+        "or as a Hugging Face transformers directory",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    exporter.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt)")
-    exporter.add_argument("-o", "--output", type=Path, help="output file (default: CHECKPOINT with .safetensors)")
+    exporter.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt) or XLab export")
+    exporter.add_argument(
+        "--format",
+        choices=("xlab", "hf"),
+        default="xlab",
+        help="xlab: one safetensors file for XLab's tools; hf: a directory that transformers' "
+        "AutoModelForCausalLM and AutoTokenizer load (GPT-2 or Llama architectures)",
+    )
+    exporter.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="output file, or directory for hf (default: CHECKPOINT with .safetensors, or without suffix + -hf)",
+    )
     exporter.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="precision of the stored weights")
     exporter.add_argument("--force", action="store_true", help="replace an existing output")
     inspector = commands.add_parser("inspect", help="architecture, parameters, tokenizer and training progress")
@@ -56,7 +70,12 @@ def describe(path: Path, loaded: LoadedModel) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "export-checkpoint":
+        if args.command == "export-checkpoint" and args.format == "hf":
+            output = args.output or default_output(args.checkpoint)
+            export_hf(args.checkpoint, output, args.dtype, args.force)
+            size = sum(file.stat().st_size for file in output.iterdir())
+            print(f"wrote {output}/ ({size / 2**20:.1f} MiB): AutoModelForCausalLM.from_pretrained({str(output)!r})")
+        elif args.command == "export-checkpoint":
             output = args.output or args.checkpoint.with_suffix(".safetensors")
             export(args.checkpoint, output, args.dtype, args.force)
             print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
