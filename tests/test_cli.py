@@ -218,7 +218,7 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path: Path):
 
 
 def test_two_process_ddp_fits_and_reduces_metrics_across_ranks(tmp_path: Path):
-    """Validation on two processes reports exactly the single-process figures: every sequence counted once."""
+    """Validation and test on two processes report the single-process figures: every sequence counted once."""
     corpus = write_corpus(tmp_path / "corpus")
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     fit = run_script("xlab.py", "fit", *tiny_args(corpus, *ddp), cwd=tmp_path)
@@ -226,11 +226,11 @@ def test_two_process_ddp_fits_and_reduces_metrics_across_ranks(tmp_path: Path):
     checkpoint = tmp_path / "runs" / "defaults" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 10
 
-    def validate(*extra: str) -> float:
-        result = run_script(
-            "xlab.py", "validate", *tiny_args(corpus, *extra), f"--ckpt_path={checkpoint}", cwd=tmp_path
-        )
+    def evaluate(stage: str, *extra: str) -> float:
+        result = run_script("xlab.py", stage, *tiny_args(corpus, *extra), f"--ckpt_path={checkpoint}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        return float(re.search(r"val/loss\s+│?\s*([0-9.]+)", result.stdout).group(1))
+        prefix = {"validate": "val", "test": "test"}[stage]
+        return float(re.search(rf"{prefix}/loss\s+│?\s*([0-9.]+)", result.stdout).group(1))
 
-    assert validate(*ddp) == pytest.approx(validate("--trainer.devices=1"), abs=2e-4)
+    for stage in ("validate", "test"):
+        assert evaluate(stage, *ddp) == pytest.approx(evaluate(stage, "--trainer.devices=1"), abs=2e-4), stage

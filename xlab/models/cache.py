@@ -48,9 +48,10 @@ class KVCache:
         self.length += steps
 
     def reorder(self, indices: Tensor) -> None:
-        """Keep, for each new batch row, the cache of row ``indices[row]``."""
-        self.keys = self.keys.index_select(1, indices)
-        self.values = self.values.index_select(1, indices)
+        """Keep, for each new batch row, the cache of row ``indices[row]``; only the filled positions are copied."""
+        filled = slice(0, self.length)
+        self.keys[:, :, :, filled] = self.keys[:, indices, :, filled]
+        self.values[:, :, :, filled] = self.values[:, indices, :, filled]
 
 
 @dataclass
