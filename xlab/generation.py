@@ -213,6 +213,7 @@ class Rows:
 
     def __init__(self, model: CausalModel, rows: list[list[int]], capacity: int):
         self.model = model
+        self.rows = rows
         self.cache = model.new_cache(len(rows), capacity)
         length = max(map(len, rows))
         device = self.cache.keys.device
@@ -254,8 +255,15 @@ class Rows:
         return self.cache.length >= self.cache.capacity
 
 
-def _capacity(model: CausalModel, rows: list[list[int]], config: GenerationConfig) -> int:
-    return min(model.config.max_positions, max(map(len, rows)) + config.max_new_tokens)
+def _start(
+    model: CausalModel, prompts: list[list[int]], copies: int, config: GenerationConfig
+) -> tuple[Rows, Tensor, Tensor]:
+    """Each prompt ``copies`` times in one prefilled batch: the batch, next-token logits and seen tokens."""
+    rows = [prompt for prompt in prompts for _ in range(copies)]
+    capacity = min(model.config.max_positions, max(map(len, rows)) + config.max_new_tokens)
+    batch = Rows(model, rows, capacity)
+    logits = batch.prefill()
+    return batch, logits, batch.seen_tokens(logits.size(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,11 +280,8 @@ def sample(
 ) -> list[list[tuple[list[int], float]]]:
     """Greedy decoding, or multinomial sampling when ``config.do_sample``; per prompt a list of (ids, score)."""
     copies = config.num_return_sequences
-    rows = [prompt for prompt in prompts for _ in range(copies)]
-    batch = Rows(model, rows, _capacity(model, rows, config))
-    logits = batch.prefill()
-    vocab = logits.size(-1)
-    seen = batch.seen_tokens(vocab)
+    batch, logits, seen = _start(model, prompts, copies, config)
+    rows = batch.rows
     generator = torch.Generator(logits.device).manual_seed(config.seed) if config.seed is not None else None
     generated: list[list[int]] = [[] for _ in rows]
     scores = torch.zeros(len(rows), device=logits.device)
@@ -351,11 +356,9 @@ def beam_search(
 ) -> list[list[tuple[list[int], float]]]:
     """Beam search with ``config.num_beams`` beams per prompt; the cache follows each beam's parent."""
     beams = config.num_beams
-    rows = [prompt for prompt in prompts for _ in range(beams)]
-    batch = Rows(model, rows, _capacity(model, rows, config))
-    logits = batch.prefill()
+    batch, logits, seen = _start(model, prompts, beams, config)
+    rows = batch.rows
     device = logits.device
-    seen = batch.seen_tokens(logits.size(-1))
     beam_scores = torch.full((len(prompts), beams), -math.inf, device=device)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     sequences: list[list[int]] = [[] for _ in rows]
