@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
@@ -161,7 +162,7 @@ def test_optimizer_settings_and_schedule_are_applied():
 def test_decay_steps_default_to_the_run_length():
     """Without decay_steps the cosine ends at the trainer's estimated total steps."""
     model = make_lm(decay_steps=None, warmup_steps=0, min_lr_ratio=0.25)
-    model.trainer = SimpleNamespace(estimated_stepping_batches=20)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=20, precision_plugin=None)
     config = model.configure_optimizers()
     schedule = config["lr_scheduler"]["scheduler"].lr_lambdas[0]
     assert schedule(10) == pytest.approx(0.25 + 0.75 / 2)
@@ -171,9 +172,17 @@ def test_decay_steps_default_to_the_run_length():
 
 def test_unbounded_run_without_decay_steps_is_a_user_error():
     model = make_lm(decay_steps=None)
-    model.trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))
+    model.trainer = SimpleNamespace(estimated_stepping_batches=float("inf"), precision_plugin=None)
     with pytest.raises(UserError, match="decay_steps"):
         model.configure_optimizers()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_fused_adamw_unless_lightning_mixed_precision_would_refuse_clipping(mixed):
+    model = make_lm()
+    plugin = MixedPrecision("bf16-mixed", "cpu") if mixed else None
+    model.trainer = SimpleNamespace(estimated_stepping_batches=20, precision_plugin=plugin)
+    assert model.configure_optimizers()["optimizer"].defaults["fused"] is (not mixed)
 
 
 @pytest.mark.parametrize("options", [dict(lr=0.0), dict(warmup_steps=-1), dict(min_lr_ratio=1.5)])
