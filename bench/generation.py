@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import synchronize, transformers_and_device  # noqa: E402
+
 from xlab.checkpoint import LoadedModel  # noqa: E402
 from xlab.data.tokenizer import EOS_ID, train_tokenizer  # noqa: E402
 from xlab.generation import GenerationConfig, beam_search, sample  # noqa: E402
@@ -105,12 +107,10 @@ def timed(run: Callable[[], list[list[int]]], repeats: int, device: torch.device
     run()
     rates = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         output = run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         rates.append(sum(map(len, output)) / (time.perf_counter() - start))
     return statistics.median(rates), output
 
@@ -136,18 +136,10 @@ def case_row(
 
 def main() -> int:
     args = parse_args()
-    try:
-        import transformers
-    except ImportError:
-        print("error: transformers is not installed: pip install -r bench/requirements.txt", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    transformers_version, device = transformers_and_device(args.device)
     model, reference = build_models(args, device)
     print(
-        f"device {device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"device {device}, torch {torch.__version__}, transformers {transformers_version}, "
         f"{torch.get_num_threads()} threads; model {args.layers} layers, d_model {args.d_model}, "
         f"context {args.context}, vocab {args.vocab}; prompt {args.prompt} tokens, {args.new_tokens} new tokens"
     )

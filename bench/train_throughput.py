@@ -10,7 +10,7 @@ formula for both, over the best matmul FLOP/s this machine showed in the run, in
 compute dtype) and the median over rounds of its speed relative to transformers in that round.
 On CPU it warns when other processes took the cores: the figures are then not worth reading.
 
-transformers is a bench-only dependency (bench/requirements.txt):
+transformers, the reference, is pinned in requirements.txt (bench/requirements.txt includes it):
 
     pip install -r bench/requirements.txt
     python bench/train_throughput.py                       # fp32, the default experiment's model
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import synchronize, transformers_and_device  # noqa: E402
 
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.lm import LanguageModel, OptimizerConfig  # noqa: E402
@@ -111,11 +113,6 @@ def training_step(
     return step
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
     """Best FLOP/s of a large square matmul over a few tries: the machine's practical peak for ``dtype``."""
     n = 8192 if device.type == "cuda" else 2048
@@ -144,16 +141,7 @@ def time_steps(step: Step, steps: int, device: torch.device) -> tuple[float, flo
 
 def main() -> int:
     args = parse_args()
-    try:
-        import transformers
-    except ImportError:
-        print("error: transformers is not installed: pip install -r bench/requirements.txt", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch.cuda is not available", file=sys.stderr)
-        return 2
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    transformers_version, device = transformers_and_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -199,7 +187,7 @@ def main() -> int:
     flops_per_token, peak = lm.model.flops_per_token(), max(peaks)
     print(
         f"device {device}, precision {args.precision}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {threads} CPU threads"
+        f"transformers {transformers_version}, {threads} CPU threads"
     )
     print(
         f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, context {args.context}, "
