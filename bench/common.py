@@ -1,8 +1,31 @@
-"""What the benchmarks share: the transformers reference, the device, and timing that waits for CUDA."""
+"""What the benchmarks share: model-shape options, the transformers reference, the device, CUDA-aware timing."""
 
+import argparse
 import sys
 
 import torch
+
+from xlab.models.config import TransformerConfig
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, context: int) -> None:
+    """The model's shape (the default experiment's, with the given context) and the device."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--context", type=int, default=context)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def model_config(args: argparse.Namespace) -> TransformerConfig:
+    return TransformerConfig(
+        vocab_size=args.vocab,
+        context_length=args.context,
+        n_layers=args.layers,
+        d_model=args.d_model,
+        n_heads=args.heads,
+    )
 
 
 def transformers_and_device(device_flag: str) -> tuple[str, torch.device]:

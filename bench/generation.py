@@ -25,29 +25,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import synchronize, transformers_and_device  # noqa: E402
+from common import add_model_arguments, model_config, synchronize, transformers_and_device  # noqa: E402
 
 from xlab.checkpoint import LoadedModel  # noqa: E402
 from xlab.data.tokenizer import EOS_ID, train_tokenizer  # noqa: E402
 from xlab.generation import GenerationConfig, beam_search, sample  # noqa: E402
 from xlab.hf import write_hf  # noqa: E402
-from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.decoder import Decoder  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_arguments(parser, context=512)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return parser.parse_args()
 
 
@@ -56,13 +50,7 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[Decode
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=args.vocab,
-        context_length=args.context,
-        n_layers=args.layers,
-        d_model=args.d_model,
-        n_heads=args.heads,
-    )
+    config = model_config(args)
     model = Decoder(config).eval()
     tokenizer = train_tokenizer(["a small corpus for a tokenizer the export needs"], vocab_size=300)
     with tempfile.TemporaryDirectory() as directory:

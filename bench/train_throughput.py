@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import synchronize, transformers_and_device  # noqa: E402
+from common import add_model_arguments, model_config, synchronize, transformers_and_device  # noqa: E402
 
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.lm import LanguageModel, OptimizerConfig  # noqa: E402
@@ -43,17 +43,12 @@ REFERENCE = "transformers GPT-2"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_arguments(parser, context=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model and round")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model before the rounds")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args()
 
@@ -150,13 +145,7 @@ def main() -> int:
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     torch.manual_seed(0)
-    config = TransformerConfig(
-        vocab_size=args.vocab,
-        context_length=args.context,
-        n_layers=args.layers,
-        d_model=args.d_model,
-        n_heads=args.heads,
-    )
+    config = model_config(args)
     lm = LanguageModel(config, OptimizerConfig(decay_steps=1)).to(device)
     xlab_optimizer = lm.configure_optimizers()["optimizer"]
     hf_model = gpt2_like(config).to(device)
