@@ -35,19 +35,7 @@ class XLabTrainer(Trainer):
     def stats(self, model: LightningModule, datamodule: LightningDataModule) -> None:
         """Print documents, bytes and tokens per split, and bytes per token."""
         datamodule.prepare_data()
-        print(format_stats(datamodule.stats(), datamodule.context_length))
-
-
-def format_stats(stats: dict[str, dict[str, int]], context_length: int) -> str:
-    header = f"{'split':<8} {'documents':>10} {'bytes':>13} {'tokens':>12} {'bytes/token':>11} {'sequences':>10}"
-    rows = [header]
-    for split, s in stats.items():
-        ratio = s["bytes"] / s["tokens"] if s["tokens"] else 0.0
-        sequences = max(0, (s["tokens"] - 1) // context_length)
-        rows.append(
-            f"{split:<8} {s['documents']:>10,} {s['bytes']:>13,} {s['tokens']:>12,} {ratio:>11.2f} {sequences:>10,}"
-        )
-    return "\n".join(rows)
+        print(datamodule.stats_table())
 
 
 class XLabCLI(LightningCLI):

@@ -1,37 +1,25 @@
 """The language-model DataModule: documents in, packed token sequences out, everything cached on disk."""
 
-import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from tokenizers import Tokenizer
 
 from xlab.data.encoding import encode_documents, write_packed
-from xlab.data.loading import PackedSequences, ResumableLoader, ResumableSampler, ShardSampler
+from xlab.data.loading import PackedSequences
+from xlab.data.module import SPLITS, STAGE_SPLITS, XLabDataModule, digest
 from xlab.data.sources import TEXT, PythonDocs, TextSource
 from xlab.data.splits import SplitFractions, split_indices
 from xlab.data.tokenizer import check_vocab_size, load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
 from xlab.errors import UserError
 from xlab.files import write_json_atomic
 
-SPLITS = tuple(asdict(SplitFractions()))
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
-
-def _digest(value: object) -> str:
-    """A short stable hash for cache names."""
-    data = value if isinstance(value, bytes) else repr(value).encode()
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
-class LMDataModule(LightningDataModule):
+class LMDataModule(XLabDataModule):
     """Loads a text source, splits it by document, trains a tokenizer on the train split and packs
     each split into ``context_length`` + 1 token windows separated by end-of-sequence tokens.
 
@@ -53,36 +41,29 @@ class LMDataModule(LightningDataModule):
         tokenizer_max_documents: int | None = None,
         cache_dir: str = "cache",
     ):
-        super().__init__()
+        super().__init__(source.cache_key(), splits, seed, batch_size, num_workers, cache_dir)
         check_vocab_size(vocab_size, special_tokens)
-        if context_length < 1 or batch_size < 1:
-            raise UserError("data.context_length and data.batch_size must be at least 1")
+        if context_length < 1:
+            raise UserError("data.context_length must be at least 1")
         self.source = source
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.special_tokens = tuple(special_tokens)
-        self.splits = splits
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.num_proc = num_proc
         self.tokenizer_max_documents = tokenizer_max_documents
-        self.cache_dir = Path(cache_dir)
-        self.tokenizer = None
-        self.datasets: dict[str, PackedSequences] = {}
-
-    @property
-    def data_dir(self) -> Path:
-        return self.cache_dir / f"{self.source.cache_key()}-split{_digest((asdict(self.splits), self.seed))}"
+        self.tokenizer: Tokenizer | None = None
 
     @property
     def tokenizer_path(self) -> Path:
         limit = f"-max{self.tokenizer_max_documents}" if self.tokenizer_max_documents else ""
-        extra = f"-special{_digest(self.special_tokens)}" if self.special_tokens else ""
+        extra = f"-special{digest(self.special_tokens)}" if self.special_tokens else ""
         return self.data_dir / f"tokenizer-bpe{self.vocab_size}{limit}{extra}.json"
 
     def tokens_dir(self) -> Path:
-        return self.data_dir / f"tokens-{_digest(self.tokenizer_path.read_bytes())}"
+        return self.data_dir / f"tokens-{digest(self.tokenizer_path.read_bytes())}"
+
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        return {"tokenizer": self.tokenizer} if self.tokenizer else {}
 
     def prepare_data(self) -> None:
         """Load, split, train the tokenizer and encode every split, unless the cache already has them."""
@@ -114,6 +95,18 @@ class LMDataModule(LightningDataModule):
         """Documents, bytes and tokens per split, as counted when the cache was written."""
         return json.loads((self.tokens_dir() / "stats.json").read_text())
 
+    def stats_table(self) -> str:
+        """``stats`` as a table, with bytes per token and the sequences each split makes."""
+        header = f"{'split':<8} {'documents':>10} {'bytes':>13} {'tokens':>12} {'bytes/token':>11} {'sequences':>10}"
+        rows = [header]
+        for split, s in self.stats().items():
+            ratio = s["bytes"] / s["tokens"] if s["tokens"] else 0.0
+            sequences = max(0, (s["tokens"] - 1) // self.context_length)
+            rows.append(
+                f"{split:<8} {s['documents']:>10,} {s['bytes']:>13,} {s['tokens']:>12,} {ratio:>11.2f} {sequences:>10,}"
+            )
+        return "\n".join(rows)
+
     def setup(self, stage: str) -> None:
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         token_bytes = token_byte_lengths(self.tokenizer, self.vocab_size)
@@ -126,50 +119,3 @@ class LMDataModule(LightningDataModule):
                     f"{self.context_length + 1}: raise data.splits.{split}, add text, or shorten data.context_length"
                 )
             self.datasets[split] = dataset
-
-    def _world(self) -> tuple[int, int]:
-        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-
-    def state_dict(self) -> dict[str, str]:
-        """Lightning stores this in every checkpoint, so the weights never travel without their tokenizer."""
-        return {"tokenizer": self.tokenizer.to_str()} if self.tokenizer else {}
-
-    def load_state_dict(self, state: dict[str, str]) -> None:
-        saved = state.get("tokenizer")
-        if saved and self.tokenizer and json.loads(saved) != json.loads(self.tokenizer.to_str()):
-            raise UserError(
-                f"the checkpoint was trained with another tokenizer than {self.tokenizer_path}: "
-                "use the data settings the checkpoint was trained with"
-            )
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.datasets["train"]
-        world_size, rank = self._world()
-        if len(dataset) < self.batch_size * world_size:
-            raise UserError(
-                f"the train split has {len(dataset)} sequences, fewer than one batch of {self.batch_size} "
-                f"on each of {world_size} processes: lower data.batch_size or add text"
-            )
-        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
-        return ResumableLoader(dataset, sampler, **self._loader_options(), drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._evaluation_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._evaluation_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._evaluation_loader("predict")
-
-    def _evaluation_loader(self, split: str) -> DataLoader:
-        dataset = self.datasets[split]
-        return DataLoader(dataset, sampler=ShardSampler(dataset, *self._world()), **self._loader_options())
-
-    def _loader_options(self) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            "pin_memory": torch.cuda.is_available(),
-        }
