@@ -1,5 +1,6 @@
 """The key/value cache: attention's past keys and values, kept apart from attention itself."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ class KVCache:
 
     Each forward pass appends its new positions in every layer, then ``advance`` moves the
     write position once; ``reorder`` follows beam search's choice of parent sequences.
+    An encoder-decoder's cross-attention keys and values are kept too, in ``cross``.
     """
 
     def __init__(
@@ -27,6 +29,11 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.cross: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
 
     @property
     def capacity(self) -> int:
@@ -52,6 +59,14 @@ class KVCache:
         filled = slice(0, self.length)
         self.keys[:, :, :, filled] = self.keys[:, indices, :, filled]
         self.values[:, :, :, filled] = self.values[:, indices, :, filled]
+        self.cross = {layer: (keys[indices], values[indices]) for layer, (keys, values) in self.cross.items()}
+
+    def cross_attention(self, layer: int, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Keys and values of cross-attention in ``layer``: computed on first use, then reused, since the
+        encoder output they come from does not change while decoding."""
+        if layer not in self.cross:
+            self.cross[layer] = compute()
+        return self.cross[layer]
 
 
 @dataclass
@@ -63,3 +78,6 @@ class LayerCache:
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         return self.cache.append(self.index, keys, values)
+
+    def cross_attention(self, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        return self.cache.cross_attention(self.index, compute)

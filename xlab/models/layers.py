@@ -6,6 +6,7 @@ of these pieces rather than a copy of them.
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,8 @@ class Attention(nn.Module):
     """Multi-head attention with grouped-query key/value heads, through F.scaled_dot_product_attention.
 
     Self-attention when ``context`` is None, cross-attention to ``context`` otherwise. With a
-    ``cache``, the new keys and values are appended to it and the queries attend to all of them.
+    ``cache``, self-attention appends its new keys and values to it and attends to all of them;
+    cross-attention computes the context's keys and values once and reuses them.
     """
 
     def __init__(self, config: TransformerConfig, rotary: RotaryEmbedding | None = None):
@@ -93,15 +95,17 @@ class Attention(nn.Module):
         ``is_causal`` with more keys than queries (a cache) aligns the queries with the last keys.
         """
         batch, time, _ = x.shape
-        source = x if context is None else context
         q = self.q_proj(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv_proj(source).view(batch, source.size(1), 2, self.n_kv_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        if self.rotary is not None and context is None:
-            positions = torch.arange(time, device=x.device) if positions is None else positions
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-        if cache is not None:
-            k, v = cache.append(k, v)
+        if context is not None:
+            compute = partial(self._keys_values, context)
+            k, v = compute() if cache is None else cache.cross_attention(compute)
+        else:
+            k, v = self._keys_values(x)
+            if self.rotary is not None:
+                positions = torch.arange(time, device=x.device) if positions is None else positions
+                q, k = self.rotary(q, positions), self.rotary(k, positions)
+            if cache is not None:
+                k, v = cache.append(k, v)
         if is_causal and mask is None and k.size(2) != time:
             is_causal = False
             if time > 1:
@@ -116,6 +120,12 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, -1))
+
+    def _keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (batch, kv_heads, time, head_dim) of ``source`` (batch, time, d_model)."""
+        kv = self.kv_proj(source).view(source.size(0), source.size(1), 2, self.n_kv_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
 
 
 def attention_mask(query_len: int, key_padding: Tensor | None, causal: bool, device: torch.device) -> Tensor | None:
@@ -165,7 +175,9 @@ class Block(nn.Module):
             lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, positions=positions, cache=cache),
         )
         if self.cross_attn is not None:
-            x = self._residual(x, next(norms), lambda h: self.cross_attn(h, context=context, mask=context_mask))
+            x = self._residual(
+                x, next(norms), lambda h: self.cross_attn(h, context=context, mask=context_mask, cache=cache)
+            )
         return self._residual(x, next(norms), self.mlp)
 
     def _residual(self, x: Tensor, norm: nn.Module, branch) -> Tensor:
