@@ -33,7 +33,7 @@ class TokensPerSecond(Callback):
     ) -> None:
         now = time.perf_counter()
         if self.last is not None:
-            self.window.append((batch["input"].numel() * trainer.world_size, now - self.last))
+            self.window.append((pl_module.tokens_in_batch(batch) * trainer.world_size, now - self.last))
         self.last = now
         if self.window:
             tokens, seconds = map(sum, zip(*self.window))

@@ -22,19 +22,35 @@ from xlab.errors import UserError
 from xlab.files import atomic_path
 from xlab.models.config import TransformerConfig
 from xlab.models.decoder import Decoder
+from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
 
 EXPORT_FORMAT = "xlab-export/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIED_WEIGHT = "head.weight"
+NETWORKS = {network.__name__: network for network in (Decoder, EncoderDecoder, TorchEncoderDecoder)}
+Network = Decoder | EncoderDecoder
 
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and what is known of its training (step, tokens, metrics)."""
+    """A model with its tokenizer and what is known of its training (step, tokens, metrics).
 
-    model: Decoder
+    ``tokenizer`` is the one the model writes with; a translator also has the ``source_tokenizer``
+    its encoder reads with (the same object when the two sides share one).
+    """
+
+    model: Network
     tokenizer: Tokenizer
     training: dict[str, Any] = field(default_factory=dict)
+    source_tokenizer: Tokenizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_translator and self.source_tokenizer is None:
+            self.source_tokenizer = self.tokenizer
+
+    @property
+    def is_translator(self) -> bool:
+        return isinstance(self.model, EncoderDecoder)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -49,8 +65,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Decoder, Tokenizer]:
-    """The language model and tokenizer of a training checkpoint or an export, in eval mode on ``device``."""
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Network, Tokenizer]:
+    """The model and (target) tokenizer of a training checkpoint or an export, in eval mode on ``device``."""
     loaded = load(path)
     return loaded.model.to(device).eval(), loaded.tokenizer
 
@@ -77,14 +93,22 @@ def _existing(path: str | Path) -> Path:
 
 def _load_training_checkpoint(path: Path) -> LoadedModel:
     checkpoint = read_checkpoint(path)
-    arch = checkpoint.get("hyper_parameters", {}).get("arch")
-    tokenizer = next((v["tokenizer"] for v in checkpoint.values() if isinstance(v, dict) and "tokenizer" in v), None)
-    if arch is None or tokenizer is None:
-        raise UserError(f"{path} is not an XLab language-model checkpoint: it has no architecture or tokenizer")
+    hparams = checkpoint.get("hyper_parameters", {})
+    data = next((v for v in checkpoint.values() if isinstance(v, dict) and "tokenizer" in v), None)
+    if hparams.get("arch") is None or data is None:
+        raise UserError(f"{path} is not an XLab model checkpoint: it has no architecture or tokenizer")
     prefix = "model."
     weights = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model = _build(path, TransformerConfig(**arch), weights)
-    return LoadedModel(model, Tokenizer.from_str(tokenizer), _training_progress(checkpoint))
+    model = _build(path, TransformerConfig(**hparams["arch"]), weights, hparams.get("network", Decoder.__name__))
+    tokenizer, source = _tokenizers(data["tokenizer"], data.get("source_tokenizer"))
+    return LoadedModel(model, tokenizer, _training_progress(checkpoint), source)
+
+
+def _tokenizers(target: str, source: str | None) -> tuple[Tokenizer, Tokenizer | None]:
+    tokenizer = Tokenizer.from_str(target)
+    if source is None:
+        return tokenizer, None
+    return tokenizer, tokenizer if source == target else Tokenizer.from_str(source)
 
 
 def _training_progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -95,8 +119,10 @@ def _training_progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return progress
 
 
-def _build(path: Path, config: TransformerConfig, weights: dict[str, torch.Tensor]) -> Decoder:
-    model = Decoder(config)
+def _build(path: Path, config: TransformerConfig, weights: dict[str, torch.Tensor], network: str) -> Network:
+    if network not in NETWORKS:
+        raise UserError(f"{path} holds a {network}, which this XLab cannot build: update XLab")
+    model = NETWORKS[network](config)
     if config.tie_embeddings:
         weights = {name: tensor for name, tensor in weights.items() if name != TIED_WEIGHT}
     model.to(next(iter(weights.values())).dtype)
@@ -131,9 +157,21 @@ def _load_export(path: Path) -> LoadedModel:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError):
         raise UserError(f"{path} is not a readable export: it is truncated or corrupt") from None
-    model = _build(path, TransformerConfig(**json.loads(metadata["arch"])), weights)
-    tokenizer = lzma.decompress(base64.b64decode(metadata["tokenizer_xz_base64"])).decode()
-    return LoadedModel(model, Tokenizer.from_str(tokenizer), json.loads(metadata["training"]))
+    network = metadata.get("network", Decoder.__name__)
+    model = _build(path, TransformerConfig(**json.loads(metadata["arch"])), weights, network)
+    target = _unpack_text(metadata["tokenizer_xz_base64"])
+    source = _unpack_text(metadata["source_tokenizer_xz_base64"]) if "source_tokenizer_xz_base64" in metadata else None
+    tokenizer, source_tokenizer = _tokenizers(target, source)
+    return LoadedModel(model, tokenizer, json.loads(metadata["training"]), source_tokenizer)
+
+
+def _pack_text(text: str) -> str:
+    """xz-compressed, base64: keeps a tokenizer small enough for the export to stay within a third of the checkpoint."""
+    return base64.b64encode(lzma.compress(text.encode())).decode()
+
+
+def _unpack_text(packed: str) -> str:
+    return lzma.decompress(base64.b64decode(packed)).decode()
 
 
 def export(source: str | Path, output: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
@@ -151,11 +189,13 @@ def export(source: str | Path, output: str | Path, dtype: str = "fp32", force: b
     }
     metadata = {
         "format": EXPORT_FORMAT,
+        "network": type(loaded.model).__name__,
         "arch": json.dumps(asdict(loaded.model.config)),
-        # Compressed, so that the export stays within a third of the checkpoint (a sixth in bf16).
-        "tokenizer_xz_base64": base64.b64encode(lzma.compress(loaded.tokenizer.to_str().encode())).decode(),
+        "tokenizer_xz_base64": _pack_text(loaded.tokenizer.to_str()),
         "training": json.dumps(loaded.training),
     }
+    if loaded.source_tokenizer not in (None, loaded.tokenizer):
+        metadata["source_tokenizer_xz_base64"] = _pack_text(loaded.source_tokenizer.to_str())
     with atomic_path(output) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
     return output

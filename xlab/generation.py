@@ -4,10 +4,11 @@ Names and meanings follow Hugging Face ``generate``. A model is anything with
 ``forward(tokens, positions=, mask=, cache=) -> logits``, ``new_cache(batch, capacity)`` and a
 ``config.max_positions``, as ``xlab.models.decoder.Decoder`` has. Prompts of different lengths
 are left-padded and masked; every prompt is encoded once (prefill), then one token per step.
+Encoder-decoders (``translate``) run on the same strategies through ``ConditionedDecoder``.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -15,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from xlab.data.tokenizer import EOS_ID, PAD_ID
+from xlab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from xlab.errors import UserError
 from xlab.models.cache import KVCache
 from xlab.models.layers import attention_mask
@@ -121,7 +122,12 @@ def generate(
     ]
     stop = StopStrings(config.stop, tokenizer) if config.stop else None
     decoder = beam_search if config.num_beams > 1 else sample
-    results = decoder(model, prompt_ids, config, stop, on_step)
+    return _generations(tokenizer, decoder(model, prompt_ids, config, stop, on_step), stop)
+
+
+def _generations(
+    tokenizer: Tokenizer, results: list[list[tuple[list[int], float]]], stop: "StopStrings | None"
+) -> list[list[Generation]]:
     return [
         [Generation(_text(tokenizer, ids, stop), ids, score) for ids, score in per_prompt] for per_prompt in results
     ]
@@ -216,7 +222,7 @@ class Rows:
         self.rows = rows
         self.cache = model.new_cache(len(rows), capacity)
         length = max(map(len, rows))
-        device = self.cache.keys.device
+        device = self.cache.device
         self.tokens = torch.tensor([[PAD_ID] * (length - len(r)) + r for r in rows], device=device)
         self.padding = self.tokens.new_tensor([[True] * (length - len(r)) + [False] * len(r) for r in rows]).bool()
         self.padded = bool(self.padding.any())
@@ -423,3 +429,135 @@ def _extend(
         if len(chosen) == beams:
             break
     return chosen + [(0, PAD_ID, -math.inf)] * (beams - len(chosen))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder-decoder models: given its encoded sources, the decoder is a causal model of the target
+
+
+class Seq2SeqModel(Protocol):
+    """What the engine needs of an encoder-decoder (xlab.models.encoder_decoder.EncoderDecoder)."""
+
+    config: object
+    supports_cache: bool
+
+    def encode(self, source: Tensor, source_padding: Tensor | None = None) -> Tensor: ...
+
+    def decode(
+        self,
+        target: Tensor,
+        memory: Tensor,
+        source_padding: Tensor | None = None,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor: ...
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache: ...
+
+    def parameters(self) -> Iterator[Tensor]: ...
+
+
+def translate(
+    model: Seq2SeqModel,
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    texts: Sequence[str],
+    config: GenerationConfig,
+    on_step: Callable[[list[list[int]]], None] | None = None,
+) -> list[list[Generation]]:
+    """Translate each text; like ``generate``, ``config.num_return_sequences`` generations per text.
+
+    >>> loaded = load("runs/translate/checkpoints/best.ckpt")  # xlab.checkpoint
+    >>> translate(loaded.model, loaded.source_tokenizer, loaded.tokenizer, ["twelve"], GenerationConfig())[0][0].text
+    'dodici'
+    """
+    sources = [
+        encode_source(source_tokenizer, text, index, model.config.max_positions) for index, text in enumerate(texts)
+    ]
+    stop = StopStrings(config.stop, target_tokenizer) if config.stop else None
+    return _generations(target_tokenizer, decode_sources(model, sources, config, stop, on_step), stop)
+
+
+def encode_source(tokenizer: Tokenizer, text: str, index: int, max_positions: int) -> list[int]:
+    """The encoder's input: the text's tokens, then end-of-sequence, as the translation data has it."""
+    ids = tokenizer.encode(text).ids
+    if not ids:
+        raise UserError(f"text {index + 1} is empty: give something to translate")
+    if len(ids) >= max_positions:
+        raise UserError(
+            f"text {index + 1} has {len(ids)} tokens; the model reads at most {max_positions - 1} "
+            "(plus end-of-sequence): shorten it"
+        )
+    return ids + [EOS_ID]
+
+
+@torch.inference_mode()
+def decode_sources(
+    model: Seq2SeqModel,
+    sources: list[list[int]],
+    config: GenerationConfig,
+    stop: StopStrings | None = None,
+    on_step: Callable[[list[list[int]]], None] | None = None,
+    cached: bool = True,
+) -> list[list[tuple[list[int], float]]]:
+    """Decode target token ids for encoder inputs ``sources``, starting from the start token; per source a list
+    of (ids, score). ``cached=False`` re-runs the decoder over the whole prefix at every step instead."""
+    decoder = ConditionedDecoder(model, sources, cached)
+    strategy = beam_search if config.num_beams > 1 else sample
+    return strategy(decoder, [[BOS_ID]] * len(sources), config, stop, on_step)
+
+
+class TokenHistory:
+    """Stands in for the KV cache when decoding without one: it keeps the tokens, not their keys and values."""
+
+    def __init__(self, batch: int, capacity: int, device: torch.device):
+        self.tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+        self.capacity = capacity
+        self.device = device
+
+    @property
+    def length(self) -> int:
+        return self.tokens.size(1)
+
+    def reorder(self, indices: Tensor) -> None:
+        self.tokens = self.tokens[indices]
+
+
+class ConditionedDecoder:
+    """An encoder-decoder's decoder bound to encoded sources: the causal model the engine decodes.
+
+    The encoder runs once, here. The engine puts the copies of each source (beams, return
+    sequences) in adjacent rows and only ever reorders rows among the copies of one source,
+    which share their encoder output; so the output is expanded once, when the cache is made.
+    Every prompt is the start token alone, so rows never need padding.
+    """
+
+    def __init__(self, model: Seq2SeqModel, sources: list[list[int]], cached: bool = True):
+        self.model, self.config = model, model.config
+        self.cached = cached and model.supports_cache
+        device = next(model.parameters()).device
+        length = max(map(len, sources))
+        source = torch.tensor([ids + [PAD_ID] * (length - len(ids)) for ids in sources], device=device)
+        self.padding = torch.tensor([[i >= len(ids) for i in range(length)] for ids in sources], device=device)
+        self.memory = model.encode(source, self.padding)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache | TokenHistory:
+        copies = batch // len(self.memory)
+        self.row_memory = self.memory.repeat_interleave(copies, dim=0)
+        self.row_padding = self.padding.repeat_interleave(copies, dim=0)
+        if self.cached:
+            return self.model.new_cache(batch, capacity)
+        return TokenHistory(batch, capacity, self.memory.device)
+
+    def __call__(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | TokenHistory | None = None,
+    ) -> Tensor:
+        if isinstance(cache, TokenHistory):
+            cache.tokens = torch.cat([cache.tokens, tokens], dim=1)
+            return self.model.decode(cache.tokens, self.row_memory, self.row_padding)[:, -tokens.size(1) :]
+        return self.model.decode(tokens, self.row_memory, self.row_padding, positions, mask, cache)

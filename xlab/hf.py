@@ -92,6 +92,10 @@ def convert(model: Decoder, name: str = "the model") -> tuple[dict[str, Any], We
 
     A UserError names the options that stop it mapping, for the nearest architecture first.
     """
+    if not isinstance(model, Decoder):
+        raise UserError(
+            f"{name} is an encoder-decoder translator; --format hf exports language models: use --format xlab"
+        )
     mismatches = {architecture.label: architecture.mismatches(model.config) for architecture in ARCHITECTURES}
     for architecture in ARCHITECTURES:
         if not mismatches[architecture.label]:

@@ -1,16 +1,24 @@
-"""``./infer.py``: continue prompts with a trained model, from the command line."""
+"""``./infer.py``: continue prompts with a language model, or translate them with a translator."""
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
 
 import torch
 from tokenizers import Tokenizer
 
-from xlab.checkpoint import load_model
+from xlab.checkpoint import LoadedModel, load
 from xlab.errors import UserError
-from xlab.generation import Generation, GenerationConfig, StopStrings, encode_prompt, generate
+from xlab.generation import (
+    Generation,
+    GenerationConfig,
+    StopStrings,
+    encode_prompt,
+    encode_source,
+    generate,
+    translate,
+)
 
 HELP = {
     "max_new_tokens": "tokens to generate at most",
@@ -33,11 +41,14 @@ HELP = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infer.py",
-        description="Continue prompts with an XLab model. Options follow Hugging Face generate.",
+        description="Continue prompts with an XLab language model, or translate them with a translator. "
+        "Options follow Hugging Face generate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="training checkpoint (.ckpt)")
-    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue; several are one batch")
+    parser.add_argument("checkpoint", help="training checkpoint (.ckpt) or export (.safetensors)")
+    parser.add_argument(
+        "prompts", nargs="*", metavar="PROMPT", help="text to continue or translate; several are one batch"
+    )
     parser.add_argument("--file", help="read prompts from this file, one per line ('-': standard input)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
@@ -105,13 +116,36 @@ class Streamer:
         self.printed = max(self.printed, text, key=len)
 
 
-def print_results(prompts: list[str], results: list[list[Generation]], with_scores: bool) -> None:
+def print_results(prompts: list[str], results: list[list[Generation]], echo_prompt: bool) -> None:
+    """Each generation, the prompt before it for a language model; headed by its rank and score when several."""
     for index, (prompt, generations) in enumerate(zip(prompts, results)):
         for rank, generation in enumerate(generations):
             if len(prompts) > 1 or len(generations) > 1:
-                score = f" score {generation.score:.3f}" if with_scores else ""
-                print(f"--- prompt {index + 1}, sequence {rank + 1}{score}")
-            print(prompt + generation.text)
+                print(f"--- prompt {index + 1}, sequence {rank + 1} score {generation.score:.3f}")
+            print((prompt if echo_prompt else "") + generation.text)
+
+
+class Runner:
+    """The loaded model's way of turning prompts into generations: continuation or translation."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.translating = loaded.is_translator
+
+    def check(self, prompts: list[str]) -> None:
+        """Raise the UserError for the first empty or over-long prompt, before any output."""
+        check = encode_source if self.translating else encode_prompt
+        tokenizer = self.loaded.source_tokenizer if self.translating else self.loaded.tokenizer
+        for index, prompt in enumerate(prompts):
+            check(tokenizer, prompt, index, self.loaded.model.config.max_positions)
+
+    def __call__(
+        self, prompts: list[str], config: GenerationConfig, on_step: Callable[[list[list[int]]], None] | None = None
+    ) -> list[list[Generation]]:
+        loaded = self.loaded
+        if self.translating:
+            return translate(loaded.model, loaded.source_tokenizer, loaded.tokenizer, prompts, config, on_step)
+        return generate(loaded.model, loaded.tokenizer, prompts, config, on_step)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,16 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         options = {spec.name: getattr(args, spec.name) for spec in fields(GenerationConfig)}
         config = GenerationConfig(**options)
         prompts = read_prompts(args)
-        model, tokenizer = load_model(args.checkpoint, resolve_device(args.device))
-        for index, prompt in enumerate(prompts):
-            encode_prompt(tokenizer, prompt, index, model.config.max_positions)
+        loaded = load(args.checkpoint)
+        loaded.model.to(resolve_device(args.device)).eval()
+        run = Runner(loaded)
+        run.check(prompts)
         stream = not args.no_stream and len(prompts) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
         if stream:
-            print(prompts[0], end="", flush=True)
-            streamer = Streamer(tokenizer, config.stop)
-            streamer.finish(generate(model, tokenizer, prompts, config, on_step=streamer)[0][0].text)
+            print("" if run.translating else prompts[0], end="", flush=True)
+            streamer = Streamer(loaded.tokenizer, config.stop)
+            streamer.finish(run(prompts, config, on_step=streamer)[0][0].text)
         else:
-            print_results(prompts, generate(model, tokenizer, prompts, config), with_scores=True)
+            print_results(prompts, run(prompts, config), echo_prompt=not run.translating)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

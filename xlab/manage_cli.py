@@ -40,12 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NETWORK_NAMES = {
+    "Decoder": "decoder",
+    "EncoderDecoder": "encoder-decoder",
+    "TorchEncoderDecoder": "encoder-decoder (torch.nn.Transformer)",
+}
+STACKS = ("blocks.", "encoder.", "decoder.")
+
+
 def describe(path: Path, loaded: LoadedModel) -> str:
     model, config = loaded.model, loaded.model.config
     kind = "export" if is_export(path) else "training checkpoint"
+    network = NETWORK_NAMES[type(model).__name__]
     lines = [
         f"file        {path} ({path.stat().st_size / 2**20:.1f} MiB, {kind})",
-        f"model       decoder: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads "
+        f"model       {network}: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads "
         f"({config.n_kv_heads} key/value), d_ff {config.d_ff}, {config.activation}, {config.norm} "
         f"({config.norm_placement}-norm), {config.positions} positions, context {config.context_length} "
         f"of {config.max_positions}, vocab {config.vocab_size}, bias {config.bias}, tied {config.tie_embeddings}",
@@ -54,12 +63,12 @@ def describe(path: Path, loaded: LoadedModel) -> str:
     ]
     by_module: dict[str, int] = defaultdict(int)
     for name, parameter in model.named_parameters():
-        by_module[".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]] += (
-            parameter.numel()
-        )
+        by_module[".".join(name.split(".")[:2]) if name.startswith(STACKS) else name.split(".")[0]] += parameter.numel()
     lines += [f"  {name:<12}{count:>14,}" for name, count in by_module.items()]
     specials = sum(token.special for token in loaded.tokenizer.get_added_tokens_decoder().values())
     lines.append(f"tokenizer   {loaded.tokenizer.get_vocab_size():,} tokens ({specials} special)")
+    if loaded.source_tokenizer not in (None, loaded.tokenizer):
+        lines.append(f"source      tokenizer of {loaded.source_tokenizer.get_vocab_size():,} tokens")
     if loaded.training:
         lines.append(
             "training    " + ", ".join(f"{key.replace('_', ' ')} {value:,}" for key, value in loaded.training.items())

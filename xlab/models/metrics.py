@@ -1,8 +1,10 @@
-"""Token-level language-modelling metrics, summed exactly over an epoch and across processes."""
+"""Token-level metrics, summed exactly over an epoch and across processes, and corpus translation scores."""
 
 import math
+from collections.abc import Sequence
 
 import torch
+from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -51,3 +53,15 @@ class LMMetrics(nn.Module):
     def reset(self) -> None:
         for metric in (self.loss, self.accuracy, self.bits_per_byte):
             metric.reset()
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Exact-match rate (0 to 1) and sacrebleu's corpus BLEU and chrF (0 to 100), one reference per sentence."""
+    if not hypotheses:
+        return {"exact_match": 0.0, "bleu": 0.0, "chrf": 0.0}
+    exact = sum(h == r for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
+    return {
+        "exact_match": exact,
+        "bleu": BLEU().corpus_score(list(hypotheses), [list(references)]).score,
+        "chrf": CHRF().corpus_score(list(hypotheses), [list(references)]).score,
+    }

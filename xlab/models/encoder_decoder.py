@@ -1,0 +1,196 @@
+"""The encoder-decoder transformer of "Attention Is All You Need", for translation. Plain PyTorch, no Lightning.
+
+``EncoderDecoder`` assembles the blocks of layers.py: bidirectional self-attention in the
+encoder; causal self-attention and cross-attention to the encoder output in the decoder.
+``TorchEncoderDecoder`` has the same embeddings, head and interface around
+``torch.nn.Transformer``, as a reference to train and compare against.
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from xlab.errors import UserError
+from xlab.models.cache import KVCache
+from xlab.models.config import TransformerConfig
+from xlab.models.layers import Block, PositionEncoding, RotaryEmbedding, attention_mask, init_gpt2, make_norm
+
+
+class EncoderDecoder(nn.Module):
+    """Source and target embeddings, an encoder stack, a decoder stack and an output head over the target vocabulary.
+
+    ``tie_embeddings`` ties the target embedding to the output projection. Positions are
+    shared by both sides; padding is given as boolean masks, True at padding positions.
+    """
+
+    supports_cache = True
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.source_embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        rotary = RotaryEmbedding(config) if config.positions == "rotary" else None
+        self.positions = None if rotary else PositionEncoding(config)
+        # As in "Attention Is All You Need": embeddings scaled by sqrt(d_model) next to fixed sinusoids.
+        self.embed_scale = math.sqrt(config.d_model) if config.positions == "sinusoidal" else 1.0
+        self.dropout = nn.Dropout(config.dropout)
+        self.build_stacks(config, rotary)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_gpt2(self, 2 * config.n_layers)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def build_stacks(self, config: TransformerConfig, rotary: RotaryEmbedding | None) -> None:
+        pre_norm = config.norm_placement == "pre"
+        self.encoder = nn.ModuleList(Block(config, rotary=rotary) for _ in range(config.n_layers))
+        self.encoder_norm = make_norm(config) if pre_norm else nn.Identity()
+        self.decoder = nn.ModuleList(Block(config, cross_attention=True, rotary=rotary) for _ in range(config.n_layers))
+        self.final_norm = make_norm(config) if pre_norm else nn.Identity()
+
+    def forward(
+        self,
+        source: Tensor,
+        target: Tensor,
+        source_padding: Tensor | None = None,
+        target_padding: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (batch, target time, vocab) of the next target token at each target position.
+
+        Target padding can only follow the real tokens, so causal attention already keeps it out
+        of every real position; ``target_padding`` is accepted for the reference implementation.
+        """
+        memory = self.encode(source, source_padding)
+        return self.decode(target, memory, source_padding)
+
+    def encode(self, source: Tensor, source_padding: Tensor | None = None) -> Tensor:
+        """The encoder output (batch, source time, d_model)."""
+        positions = torch.arange(source.size(1), device=source.device)
+        x = self.embed_tokens(self.source_embed, source, positions)
+        mask = attention_mask(source.size(1), source_padding, causal=False, device=source.device)
+        for block in self.encoder:
+            x = block(x, mask=mask, positions=positions)
+        return self.encoder_norm(x)
+
+    def decode(
+        self,
+        target: Tensor,
+        memory: Tensor,
+        source_padding: Tensor | None = None,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Next-token logits for ``target`` (batch, time) given the encoder output; the rest as in Decoder.forward."""
+        offset = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(offset, offset + target.size(1), device=target.device)
+        y = self.embed_tokens(self.embed, target, positions)
+        context_mask = None if source_padding is None else ~source_padding[:, None, None, :]
+        for index, block in enumerate(self.decoder):
+            layer_cache = cache.layer(index) if cache is not None else None
+            y = block(
+                y,
+                mask=mask,
+                is_causal=mask is None,
+                positions=positions,
+                context=memory,
+                context_mask=context_mask,
+                cache=layer_cache,
+            )
+        if cache is not None:
+            cache.advance(target.size(1))
+        return self.head(self.final_norm(y))
+
+    def embed_tokens(self, table: nn.Embedding, tokens: Tensor, positions: Tensor) -> Tensor:
+        x = table(tokens) * self.embed_scale
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        return self.dropout(x)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache for the decoder of ``batch`` sequences of up to ``capacity`` target positions."""
+        cfg, weight = self.config, self.embed.weight
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, capacity, weight.dtype, weight.device)
+
+    def num_parameters(self, exclude_embeddings: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embed.weight.numel() + self.source_embed.weight.numel()
+            if self.positions is not None and self.positions.learned:
+                total -= self.positions.table.weight.numel()
+        return total
+
+
+class TorchEncoderDecoder(EncoderDecoder):
+    """The same model with ``torch.nn.Transformer`` for the two stacks: the reference implementation.
+
+    It has no KV cache, so decoding re-runs the decoder over the whole prefix at every step.
+    """
+
+    supports_cache = False
+
+    def build_stacks(self, config: TransformerConfig, rotary: RotaryEmbedding | None) -> None:
+        check_torch_compatible(config)
+        pre_norm = config.norm_placement == "pre"
+        options = {
+            "d_model": config.d_model,
+            "nhead": config.n_heads,
+            "dim_feedforward": config.d_ff,
+            "dropout": config.dropout,
+            "activation": config.activation,
+            "layer_norm_eps": config.norm_eps,
+            "batch_first": True,
+            "norm_first": pre_norm,
+            "bias": config.bias,
+        }
+
+        def final_norm() -> nn.Module | None:
+            return make_norm(config) if pre_norm else None
+
+        encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(**options), config.n_layers, norm=final_norm(), enable_nested_tensor=False
+        )
+        decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**options), config.n_layers, norm=final_norm())
+        self.transformer = nn.Transformer(
+            config.d_model, config.n_heads, custom_encoder=encoder, custom_decoder=decoder, batch_first=True
+        )
+
+    def encode(self, source: Tensor, source_padding: Tensor | None = None) -> Tensor:
+        positions = torch.arange(source.size(1), device=source.device)
+        x = self.embed_tokens(self.source_embed, source, positions)
+        return self.transformer.encoder(x, src_key_padding_mask=source_padding)
+
+    def decode(
+        self,
+        target: Tensor,
+        memory: Tensor,
+        source_padding: Tensor | None = None,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        if cache is not None or mask is not None:
+            raise ValueError("the torch.nn.Transformer reference decodes without a cache or custom masks")
+        if positions is None:
+            positions = torch.arange(target.size(1), device=target.device)
+        y = self.embed_tokens(self.embed, target, positions)
+        causal = nn.Transformer.generate_square_subsequent_mask(target.size(1), device=target.device, dtype=y.dtype)
+        y = self.transformer.decoder(
+            y, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=source_padding
+        )
+        return self.head(y)
+
+
+def check_torch_compatible(config: TransformerConfig) -> None:
+    """A UserError naming the first option ``torch.nn.Transformer`` cannot express."""
+    unsupported = [
+        (config.activation not in ("relu", "gelu"), f"activation {config.activation}"),
+        (config.norm != "layernorm", f"norm {config.norm}"),
+        (config.positions == "rotary", "rotary positions"),
+        (config.n_kv_heads != config.n_heads, "grouped-query attention (n_kv_heads != n_heads)"),
+    ]
+    for failed, option in unsupported:
+        if failed:
+            raise UserError(f"the torch implementation (torch.nn.Transformer) has no {option}: use implementation xlab")

@@ -1,0 +1,133 @@
+"""The translation LightningModule: label-smoothed loss, token metrics, and decoded exact match, BLEU and chrF."""
+
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from xlab.data.tokenizer import PAD_ID
+from xlab.errors import UserError
+from xlab.generation import GenerationConfig, decode_sources
+from xlab.models.config import TransformerConfig
+from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
+from xlab.models.metrics import LMMetrics, corpus_scores, token_statistics
+from xlab.models.training import OptimizerConfig, TrainingModule
+
+IMPLEMENTATIONS = {"xlab": EncoderDecoder, "torch": TorchEncoderDecoder}
+
+
+class Translator(TrainingModule):
+    """An encoder-decoder transformer trained on sentence pairs.
+
+    ``implementation``: ``xlab`` (layers.py, KV-cached decoding) or ``torch``
+    (``torch.nn.Transformer``, the reference). Validation and test decode every source
+    (greedy, or beam search with ``num_beams``) and score the translations against the
+    references; ``examples`` of them go to TensorBoard's text tab.
+    """
+
+    def __init__(
+        self,
+        arch: TransformerConfig,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        implementation: Literal["xlab", "torch"] = "xlab",
+        label_smoothing: float = 0.1,
+        num_beams: int = 1,
+        max_new_tokens: int = 64,
+        examples: int = 5,
+    ):
+        super().__init__(optimizer)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters(
+            {"arch": asdict(arch), "optimizer": asdict(optimizer), "network": IMPLEMENTATIONS[implementation].__name__}
+        )
+        self.arch = arch
+        self.model = IMPLEMENTATIONS[implementation](arch)
+        self.label_smoothing = label_smoothing
+        self.decoding = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        self.examples = examples
+        self.metrics = nn.ModuleDict({stage: LMMetrics() for stage in ("val", "test")})
+        self.outputs: list[tuple[str, str, str]] = []
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(batch["source"], batch["target_input"], batch["source_padding"], batch["target_padding"])
+
+    def tokens_in_batch(self, batch: dict[str, Tensor]) -> int:
+        """Target tokens (padding excluded) this process trains on in ``batch``."""
+        return int((batch["target"] != PAD_ID).sum())
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch)
+        loss = nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(),
+            batch["target"].flatten(),
+            ignore_index=PAD_ID,
+            label_smoothing=self.label_smoothing,
+        )
+        counted = batch["target"] != PAD_ID
+        correct = (logits.detach().argmax(-1) == batch["target"]) & counted
+        self.tokens_seen += self.tokens_in_batch(batch) * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", correct.sum() / counted.sum().clamp(min=1))
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def _evaluate(self, stage: str, batch: dict[str, Any]) -> None:
+        stats = token_statistics(self(batch), batch["target"], ignore_index=PAD_ID)
+        self.metrics[stage].update(stats, batch["target_bytes"].sum())
+        translations = self.translate_batch(batch)
+        self.outputs.extend(zip(batch["source_text"], translations, batch["reference"]))
+
+    def translate_batch(self, batch: dict[str, Any]) -> list[str]:
+        """The decoded translation of every source in ``batch``."""
+        sources = [row[~padding].tolist() for row, padding in zip(batch["source"], batch["source_padding"])]
+        tokenizer = self.trainer.datamodule.tokenizer
+        results = decode_sources(self.model, sources, self.decoding)
+        return [tokenizer.decode(per_source[0][0], skip_special_tokens=True) for per_source in results]
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def _log_epoch(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        self.metrics[stage].reset()
+        outputs = self._gather(self.outputs)
+        self.outputs = []
+        _, hypotheses, references = zip(*outputs) if outputs else ((), (), ())
+        values.update(corpus_scores(list(hypotheses), list(references)))
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=stage == "val")
+        self._write_examples(stage, outputs[: self.examples])
+
+    def _gather(self, outputs: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Every process's (source, translation, reference) triples, in the same order on every process."""
+        if self.trainer.world_size == 1 or not dist.is_initialized():
+            return outputs
+        gathered: list[list[tuple[str, str, str]]] = [[] for _ in range(self.trainer.world_size)]
+        dist.all_gather_object(gathered, outputs)
+        return [triple for part in gathered for triple in part]
+
+    def _write_examples(self, stage: str, examples: list[tuple[str, str, str]]) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not examples or not self.trainer.is_global_zero or not hasattr(experiment, "add_text"):
+            return
+        rows = [f"| {s} | {t} | {r} | {'yes' if t == r else 'no'} |" for s, t, r in examples]
+        table = "\n".join(["| source | translation | reference | exact |", "|---|---|---|---|", *rows])
+        experiment.add_text(f"{stage}/translations", table, self.global_step)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        """The translation of every source of the predict split, beside its reference."""
+        translations = self.translate_batch(batch)
+        return [
+            {"source": s, "translation": t, "reference": r}
+            for s, t, r in zip(batch["source_text"], translations, batch["reference"])
+        ]
