@@ -51,7 +51,7 @@ def test_fit_validate_test_write_checkpoints_and_metrics(in_tmp: Path, corpus: P
 
 def test_sample_text_reaches_tensorboard(in_tmp: Path, corpus: Path):
     sampler = ["--trainer.callbacks+=xlab.callbacks.SampleText", "--trainer.callbacks.prompts=[The model, attention]"]
-    assert run_cli("fit", *tiny_args(corpus, *sampler, "--trainer.callbacks.every_n_steps=4")) == 0
+    assert run_cli("fit", *tiny_args(corpus, *sampler, "--trainer.callbacks.every=4 steps")) == 0
     events = EventAccumulator(str(in_tmp / "runs" / "defaults"), size_guidance={"tensors": 0})
     events.Reload()
     samples = events.Tensors("samples/text_summary")

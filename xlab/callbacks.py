@@ -8,8 +8,8 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from xlab.errors import UserError
 from xlab.generation import GenerationConfig, generate
+from xlab.loop import Periodic
 
 
 class TokensPerSecond(Callback):
@@ -40,80 +40,105 @@ class TokensPerSecond(Callback):
             pl_module.log("train/tokens_per_sec", tokens / seconds)
 
 
-class SaveOnInterrupt(Callback):
-    """The first Ctrl-C ends training after the current step and leaves ``last.ckpt``; a second aborts at once.
+class SaveOnSignal(Callback):
+    """On ``signum``, training ends after the current step on every process and leaves ``last.ckpt``.
 
-    All processes agree on the stop at the same step, so the checkpoint is consistent under DDP.
+    All processes agree on the stop at the same step (one small all-reduce per step), so the
+    checkpoint is consistent under DDP and a resumed run repeats no step. Subclasses choose the
+    signal, whether to listen (``active``) and what the handler does.
     """
+
+    signum: signal.Signals
 
     def __init__(self):
         self.requested = False
+        self.stopping = False
         self.saved_to: Path | None = None
+        self.installed = False
         self.previous_handler: Any = None
 
+    def active(self) -> bool:
+        return True
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        self.requested, self.stopping, self.saved_to = False, False, None
+        if self.active():
+            self.previous_handler = signal.signal(self.signum, self.handle)
+            self.installed = True
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
-
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            self._restore_handler()
-            raise KeyboardInterrupt
+    def handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def _restore_handler(self) -> None:
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGINT, self.previous_handler)
-            self.previous_handler = None
+    def restore_handler(self) -> None:
+        if self.installed:
+            # None: the previous handler was not set from Python
+            signal.signal(self.signum, signal.SIG_DFL if self.previous_handler is None else self.previous_handler)
+            self.installed = False
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if self.installed and trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            self.stopping = True
             trainer.should_stop = True
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Save after every other callback is done, so nothing writes over or beside this checkpoint."""
-        self._restore_handler()
-        if not trainer.should_stop or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        """Save once training is over, so that no later step writes over or beside this checkpoint."""
+        if not self.stopping:
             return
         checkpoint = trainer.checkpoint_callback
         directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
         self.saved_to = directory / "last.ckpt"
         trainer.save_checkpoint(self.saved_to)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.restore_handler()
 
-class SampleText(Callback):
-    """Every ``every_n_steps`` optimizer steps, continue a few fixed prompts and write them to
-    TensorBoard's text tab (tag ``samples``), so a run shows what the model writes as it learns."""
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """After Lightning's own signal handling is undone, which may have saved this handler as the one to restore."""
+        self.restore_handler()
+
+
+class SaveOnInterrupt(SaveOnSignal):
+    """The first Ctrl-C ends training after the current step and leaves ``last.ckpt``; a second aborts at once."""
+
+    signum = signal.SIGINT
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            self.restore_handler()
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+class SampleText(Periodic):
+    """Every ``every`` (a period such as "500 steps", "2M tokens" or "10 min") and at the end of training,
+    continue a few fixed prompts and write them to TensorBoard's text tab (tag ``samples``), so a run shows
+    what the model writes as it learns."""
 
     def __init__(
         self,
         prompts: list[str],
-        every_n_steps: int = 500,
+        every: str = "500 steps",
         max_new_tokens: int = 48,
         temperature: float = 0.8,
         top_k: int = 40,
         seed: int = 0,
     ):
-        if every_n_steps < 1:
-            raise UserError(f"SampleText every_n_steps must be at least 1, got {every_n_steps}")
+        super().__init__(every, "SampleText.every")
         self.prompts = prompts
-        self.every_n_steps = every_n_steps
+        self.sampled_at: int | None = None
         self.config = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k, seed=seed
         )
 
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+    def on_period(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.sampled_at = trainer.global_step
+        if trainer.is_global_zero:
             self.write_samples(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step % self.every_n_steps and trainer.is_global_zero:
+        if self.sampled_at != trainer.global_step and trainer.is_global_zero:
             self.write_samples(trainer, pl_module)
 
     def write_samples(self, trainer: Trainer, pl_module: LightningModule) -> None:

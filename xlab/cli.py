@@ -16,6 +16,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from xlab.callbacks import SaveOnInterrupt, TokensPerSecond
 from xlab.checkpoint import architecture, is_export, load
 from xlab.errors import UserError
+from xlab.loop import LoopControl
+from xlab.slurm import RequeueOnSignal, check_allocation, requeued_checkpoint
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "defaults.yaml"
@@ -54,7 +56,9 @@ class XLabCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_class=XLabTrainer,
-            trainer_defaults={"callbacks": [TokensPerSecond(), SaveOnInterrupt(), LearningRateMonitor("step")]},
+            trainer_defaults={
+                "callbacks": [TokensPerSecond(), SaveOnInterrupt(), RequeueOnSignal(), LearningRateMonitor("step")]
+            },
             parser_kwargs=parser_kwargs,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
@@ -72,6 +76,7 @@ class XLabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LoopControl, "loop")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -110,11 +115,19 @@ class XLabCLI(LightningCLI):
             kwargs["ckpt_path"] = None
         return kwargs
 
+    def before_instantiate_classes(self) -> None:
+        """Under SLURM, a run that does not match the allocation stops here, before anything is built."""
+        trainer = self._get(self.config, "trainer")
+        check_allocation(trainer.num_nodes, trainer.devices, trainer.accelerator)
+
     def before_fit(self) -> None:
-        """Refuse to start a new run over the checkpoints of an earlier one."""
+        """Refuse to start a new run over the checkpoints of an earlier one; a requeued SLURM job resumes its own."""
+        directory = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
+        if requeued_checkpoint(directory) is not None:
+            self.config_init[self.subcommand]["ckpt_path"] = "last"
+            return
         if self.config_init[self.subcommand].get("ckpt_path") is not None:
             return
-        directory = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
         if any(directory.glob("*.ckpt")):
             raise UserError(
                 f"{directory} already holds checkpoints: resume with --ckpt_path last, or start a new run "

@@ -1,4 +1,4 @@
-"""``./manage.py``: export checkpoints and inspect model files."""
+"""``./manage.py``: export checkpoints, inspect model files, write SLURM job scripts."""
 
 import argparse
 import sys
@@ -8,10 +8,11 @@ from pathlib import Path
 from xlab.checkpoint import DTYPES, LoadedModel, export, is_export, load
 from xlab.errors import UserError
 from xlab.hf import default_output, export_hf
+from xlab.slurm import LOG_DIR, TIME_FORMATS, Job, sbatch, submit, write_script
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="manage.py", description="Export and inspect XLab models.")
+    parser = argparse.ArgumentParser(prog="manage.py", description="Export and inspect XLab models, write SLURM jobs.")
     commands = parser.add_subparsers(dest="command", required=True)
     exporter = commands.add_parser(
         "export-checkpoint",
@@ -37,7 +38,57 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--force", action="store_true", help="replace an existing output")
     inspector = commands.add_parser("inspect", help="architecture, parameters, tokenizer and training progress")
     inspector.add_argument("path", type=Path, help="training checkpoint or export")
+    add_slurm_parser(commands)
     return parser
+
+
+def add_slurm_parser(commands: argparse._SubParsersAction) -> None:
+    slurm = commands.add_parser(
+        "slurm-script",
+        help="write an sbatch file that trains a config on SLURM, and submit it",
+        description="Write slurm/JOB_NAME.sbatch (srun xlab.py fit on NODES x devices, requeued on SIGUSR1 "
+        "with the run resuming from its last.ckpt) and submit it with sbatch. "
+        "Extra xlab.py overrides go after --.",
+    )
+    slurm.add_argument("-c", "--config", type=Path, action="append", required=True, help="xlab.py config (repeatable)")
+    slurm.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    slurm.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one process each (default 0: CPUs)")
+    slurm.add_argument("--tasks-per-node", type=int, help="processes per node on CPUs (default 1)")
+    slurm.add_argument("--time", help=f"time limit: {TIME_FORMATS}")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--job-name", help="SLURM job name (default: the last config's name)")
+    slurm.add_argument("--file", type=Path, help="the sbatch file (default slurm/JOB_NAME.sbatch)")
+    slurm.add_argument("--force", action="store_true", help="replace an existing sbatch file")
+    mode = slurm.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the file and the sbatch command; write nothing")
+    mode.add_argument("--no-submit", action="store_true", help="write the file without submitting it")
+    slurm.add_argument(
+        "overrides", nargs="*", help="after --: overrides for xlab.py fit, e.g. --trainer.max_steps=2000"
+    )
+
+
+def slurm_script(args: argparse.Namespace) -> str:
+    """Build the job from the options; print it (--dry-run), write it, or write and submit it."""
+    job = Job(
+        configs=tuple(args.config),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        time=args.time,
+        partition=args.partition,
+        name=args.job_name,
+        overrides=tuple(args.overrides),
+    )
+    path = args.file or job.default_path()
+    script = job.script(Path.cwd())
+    if args.dry_run:
+        return f"{script}\nsbatch {path}"
+    executable = None if args.no_submit else sbatch()
+    write_script(path, script, args.force)
+    if executable is None:
+        return f"wrote {path}; submit it with: sbatch {path}"
+    job_id = submit(executable, path)
+    return f"submitted batch job {job_id}: {path}; its output goes to {LOG_DIR}/{job.job_name}-{job_id}.out and .err"
 
 
 NETWORK_NAMES = {
@@ -88,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             output = args.output or args.checkpoint.with_suffix(".safetensors")
             export(args.checkpoint, output, args.dtype, args.force)
             print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+        elif args.command == "slurm-script":
+            print(slurm_script(args))
         else:
             print(describe(args.path, load(args.path)))
     except UserError as error:

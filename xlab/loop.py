@@ -1,0 +1,465 @@
+"""Loop control as configuration: periods and budgets in steps, samples, tokens or seconds.
+
+Lightning's loop does the training. ``LoopControl``, one callback, counts what every optimizer step adds
+(samples, tokens, wall-clock time) and from those counts tells Lightning when to validate and log, saves
+``last.ckpt``, calls ``Periodic`` callbacks such as ``SampleText``, and stops the run at a budget. It also
+shows tokens per second, the time left and a running loss in the progress bar, and writes every logged
+metric to ``metrics.csv`` beside the TensorBoard events.
+
+Periods and budgets are strings: ``"500 steps"``, ``"64k samples"``, ``"1M tokens"``, ``"90 s"``,
+``"30 min"``, ``"2h"``.
+"""
+
+import csv
+import os
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from xlab.errors import UserError
+
+UNITS = {
+    **dict.fromkeys(("step", "steps"), ("steps", 1)),
+    **dict.fromkeys(("sample", "samples"), ("samples", 1)),
+    **dict.fromkeys(("token", "tokens"), ("tokens", 1)),
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), ("seconds", 1)),
+    **dict.fromkeys(("min", "mins", "minute", "minutes"), ("seconds", 60)),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), ("seconds", 3600)),
+    **dict.fromkeys(("d", "day", "days"), ("seconds", 86400)),
+}
+SCALES = {"": 1, "k": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+PERIOD_SYNTAX = re.compile(
+    r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<scale>[kMBG]?)\s*(?P<unit>[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*"
+)
+PERIOD_HELP = (
+    "write a positive number and a unit: steps, samples, tokens, s, min, h or d, "
+    "optionally scaled by k, M or B (500 steps, 64k samples, 1M tokens, 30 min, 2h)"
+)
+NEVER = sys.maxsize  # a step interval Lightning never reaches
+RATE_WINDOW = 50  # optimizer steps over which tokens per second and the time left are measured
+LOSS_WINDOW = 20  # optimizer steps the progress bar averages the loss over
+
+
+@dataclass
+class Progress:
+    """What training has done: optimizer steps, samples and tokens (summed over processes), seconds of wall time."""
+
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def get(self, unit: str) -> float:
+        return getattr(self, unit)
+
+
+@dataclass(frozen=True)
+class Period:
+    """An amount of one of the counts in ``Progress``: a period between events or a budget."""
+
+    amount: float
+    unit: str
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: Any, setting: str) -> "Period":
+        """``"1M tokens"`` -> ``Period(1e6, "tokens")``; a ``UserError`` naming ``setting`` for anything else."""
+        match = PERIOD_SYNTAX.fullmatch(str(text))
+        if match is None:
+            raise bad_period(setting, text, "not a period")
+        name = match["unit"].lower()
+        if name not in UNITS:
+            raise bad_period(setting, text, f"unknown unit {match['unit']!r}")
+        unit, seconds_per_unit = UNITS[name]
+        amount = float(match["number"]) * SCALES[match["scale"]] * seconds_per_unit
+        if amount <= 0:
+            raise bad_period(setting, text, "it must be more than zero")
+        if unit != "seconds" and not amount.is_integer():
+            raise bad_period(setting, text, f"a number of {unit} must be whole")
+        return cls(amount, unit, str(text).strip())
+
+    def crossed(self, before: Progress, after: Progress) -> bool:
+        """Whether going from ``before`` to ``after`` passes a multiple of the period.
+
+        Periods fire at multiples (1M, 2M, 3M tokens), not at a distance from the last firing, so that
+        where the next one falls follows from the counts alone and a resumed run keeps the schedule.
+        """
+        return after.get(self.unit) // self.amount > before.get(self.unit) // self.amount
+
+    def reached(self, progress: Progress) -> bool:
+        return progress.get(self.unit) >= self.amount
+
+    def __str__(self) -> str:
+        return self.text or f"{self.amount:g} {self.unit}"
+
+
+def bad_period(setting: str, text: Any, problem: str) -> UserError:
+    return UserError(f"{setting}={text!r}: {problem}; {PERIOD_HELP}")
+
+
+def tokens_in_batch(pl_module: LightningModule, batch: Any) -> int:
+    """The tokens one process trains on in ``batch``: the module's ``tokens_in_batch(batch)`` when it has one
+    (a translator counts its target tokens without padding), else every position of ``batch["input"]``."""
+    count = getattr(pl_module, "tokens_in_batch", None)
+    return int(count(batch)) if callable(count) else batch["input"].numel()
+
+
+def samples_in_batch(batch: Any) -> int:
+    """Sequences in a batch: the length of its first tensor (every tensor of a batch has one per sequence)."""
+    if isinstance(batch, Mapping):
+        batch = next(iter(batch.values()))
+    elif isinstance(batch, list | tuple):
+        batch = batch[0]
+    return len(batch)
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Periodic(Callback):
+    """A callback that acts every ``every`` (a period): ``LoopControl`` decides when, from the same counts as
+    its own periods, and calls ``on_period`` after the optimizer step that completes one."""
+
+    def __init__(self, every: str, setting: str):
+        self.every = Period.parse(every, setting)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if LoopControl.of(trainer) is None:
+            raise UserError(f"{type(self).__name__} needs xlab.loop.LoopControl among the trainer's callbacks")
+
+    def on_period(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        raise NotImplementedError
+
+
+class LoopControl(Callback):
+    """When to validate, checkpoint and log, and when to stop, as periods and budgets in any unit of ``Progress``.
+
+    Args:
+        validate_every: validate after the step that completes each period; replaces
+            ``trainer.val_check_interval``. None: Lightning's settings decide.
+        checkpoint_every: save ``last.ckpt`` in the checkpoint directory after the step that completes each
+            period (after the validation, when one falls on the same step).
+        log_every: log the step's metrics after each period; replaces ``trainer.log_every_n_steps``.
+        stop_at: one budget or a list; the run stops after the first optimizer step at which any is reached
+            (count >= budget), validating first. ``trainer.max_steps`` still applies.
+        metrics_csv: write every logged metric to ``metrics.csv`` in the run's log directory.
+        progress_bar: show tokens per second, the time left and the running loss in Lightning's progress bar.
+
+    A step's periods are decided as it starts (so that Lightning's logging callbacks see the decision), from
+    the counts as they will be when it ends; time is read as it starts. Budgets are checked as it ends.
+    Seconds are wall time since training started, validation included, summed over resumed runs. Under
+    gradient accumulation, decisions fall on batches that end with an optimizer step.
+    """
+
+    def __init__(
+        self,
+        validate_every: str | None = None,
+        checkpoint_every: str | None = None,
+        log_every: str | None = None,
+        stop_at: str | list[str] | None = None,
+        metrics_csv: bool = True,
+        progress_bar: bool = True,
+    ):
+        self.validate_every = parse_optional(validate_every, "loop.validate_every")
+        self.checkpoint_every = parse_optional(checkpoint_every, "loop.checkpoint_every")
+        self.log_every = parse_optional(log_every, "loop.log_every")
+        budgets = [] if stop_at is None else [stop_at] if isinstance(stop_at, str) else stop_at
+        self.budgets = [Period.parse(budget, "loop.stop_at") for budget in budgets]
+        self.metrics_csv = metrics_csv
+        self.progress_bar = progress_bar
+        self.clock: Callable[[], float] = time.monotonic  # replaceable, so tests need not sleep
+        self.progress = Progress()
+        self.decided = Progress()  # the progress at the last decision, the start of the previous stepping batch
+        self.stepping = False  # whether the current batch ends with an optimizer step
+        self.due: set[str] = set()
+        self.due_callbacks: list[Periodic] = []
+        self.checkpoint_after_validation = False
+        self.validated_at = -1
+        self.time_decides = False  # whether a period or budget is in seconds, so processes must agree on the time
+        self.started = 0.0
+        self.seconds_before = 0.0
+        self.history: deque[Progress] = deque(maxlen=RATE_WINDOW)
+
+    @staticmethod
+    def of(trainer: Trainer) -> "LoopControl | None":
+        return next((callback for callback in trainer.callbacks if isinstance(callback, LoopControl)), None)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.metrics_csv:
+            self._attach_metrics_csv(trainer)
+        if self.progress_bar:
+            self._replace_default_progress_bar(trainer, pl_module, stage)
+        if self.validate_every is not None:
+            trainer.check_val_every_n_epoch = None
+
+    def _attach_metrics_csv(self, trainer: Trainer) -> None:
+        if trainer.loggers and not any(isinstance(logger, MetricsCSV) for logger in trainer.loggers):
+            trainer.loggers = [*trainer.loggers, MetricsCSV(Path(trainer.log_dir) / MetricsCSV.FILE_NAME)]
+
+    def _replace_default_progress_bar(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Swap a bar of exactly one of Lightning's two classes (the one it adds by itself) for the same bar with
+        ``LoopFigures``, keeping its refresh rate; a bar of another class is left as it is."""
+        for index, callback in enumerate(trainer.callbacks):
+            replacement = LOOP_PROGRESS_BARS.get(type(callback))
+            if replacement is not None:
+                bar = replacement(self, refresh_rate=callback.refresh_rate)
+                bar.setup(trainer, pl_module, stage)
+                trainer.callbacks[index] = bar
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.progress.steps = trainer.global_step
+        self.decided = replace(self.progress)
+        self.started = self.clock()
+        self.seconds_before = self.progress.seconds
+        self.history.clear()
+        periods = [self.validate_every, self.checkpoint_every, self.log_every, *self.budgets]
+        periods += [callback.every for callback in trainer.callbacks if isinstance(callback, Periodic)]
+        self.time_decides = any(period is not None and period.unit == "seconds" for period in periods)
+        if self.validate_every is not None:
+            # Lightning asks, before the first batch of a resumed run, whether the saved step validated.
+            trainer.val_check_batch = 1 if self.validated_at == trainer.global_step else NEVER
+        self._stop_if_spent(trainer, self.progress)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        samples, tokens = self._count(trainer, pl_module, batch)
+        self.progress.samples += samples
+        self.progress.tokens += tokens
+        self.due, self.due_callbacks = set(), []
+        self.stepping = not trainer.fit_loop._should_accumulate()
+        if self.stepping:
+            self._decide(trainer)
+        if self.validate_every is not None:
+            trainer.val_check_batch = 1 if "validate" in self.due else NEVER
+        if self.log_every is not None:
+            trainer.log_every_n_steps = 1 if "log" in self.due else NEVER
+
+    def _count(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> tuple[int, int]:
+        counts = (samples_in_batch(batch), tokens_in_batch(pl_module, batch))
+        if trainer.world_size > 1:
+            summed = trainer.strategy.reduce(torch.tensor(counts, device=pl_module.device), reduce_op="sum")
+            counts = tuple(summed.tolist())
+        return counts
+
+    def _decide(self, trainer: Trainer) -> None:
+        self.progress.steps = trainer.global_step + 1
+        self.progress.seconds = self._elapsed(trainer)
+        before, self.decided = self.decided, replace(self.progress)
+        self.history.append(self.decided)
+        periods = {"validate": self.validate_every, "checkpoint": self.checkpoint_every, "log": self.log_every}
+        self.due = {name for name, period in periods.items() if period and period.crossed(before, self.progress)}
+        self.due_callbacks = [
+            callback
+            for callback in trainer.callbacks
+            if isinstance(callback, Periodic) and callback.every.crossed(before, self.progress)
+        ]
+
+    def _elapsed(self, trainer: Trainer) -> float:
+        """Training seconds so far; when they decide something, as the first process measures them, so that
+        every process decides alike."""
+        seconds = self.seconds_before + self.clock() - self.started
+        return trainer.strategy.broadcast(seconds) if self.time_decides and trainer.world_size > 1 else seconds
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.stepping:
+            return
+        if "checkpoint" in self.due:
+            if "validate" in self.due:
+                self.checkpoint_after_validation = True
+            else:
+                self._save_last(trainer)
+        for callback in self.due_callbacks:
+            callback.on_period(trainer, pl_module)
+        now = self.progress
+        if any(budget.unit == "seconds" for budget in self.budgets):
+            now = replace(self.progress, seconds=self._elapsed(trainer))
+        self._stop_if_spent(trainer, now)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.validated_at = trainer.global_step
+        if self.checkpoint_after_validation:
+            self.checkpoint_after_validation = False
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: Trainer) -> None:
+        checkpoint = trainer.checkpoint_callback
+        directory = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
+        trainer.save_checkpoint(directory / "last.ckpt")
+
+    def _stop_if_spent(self, trainer: Trainer, progress: Progress) -> None:
+        spent = next((budget for budget in self.budgets if budget.reached(progress)), None)
+        if spent is None or trainer.should_stop:
+            return
+        trainer.should_stop = True
+        rank_zero_info(
+            f"loop.stop_at {spent} reached at step {progress.steps}: {progress.samples:,} samples, "
+            f"{progress.tokens:,} tokens, {format_duration(progress.seconds)} of training"
+        )
+
+    def rate(self, unit: str) -> float | None:
+        """Units per second over the last ``RATE_WINDOW`` optimizer steps, or None before there are two."""
+        if len(self.history) < 2:
+            return None
+        first, last = self.history[0], self.history[-1]
+        seconds = last.seconds - first.seconds
+        return (last.get(unit) - first.get(unit)) / seconds if seconds > 0 else None
+
+    def seconds_left(self, trainer: Trainer) -> float | None:
+        """Until the first budget to run out (``trainer.max_steps`` included) at the current rates."""
+        budgets = [*self.budgets, *([Period(trainer.max_steps, "steps")] if trainer.max_steps > 0 else [])]
+        estimates = []
+        for budget in budgets:
+            rate = 1.0 if budget.unit == "seconds" else self.rate(budget.unit)
+            if rate:
+                estimates.append(max(0.0, budget.amount - self.progress.get(budget.unit)) / rate)
+        return min(estimates) if estimates else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts; when each period next fires follows from them (``Period.crossed``)."""
+        progress = self.decided
+        return {
+            "samples": progress.samples,
+            "tokens": progress.tokens,
+            "seconds": progress.seconds,
+            "validated_at": self.validated_at,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.progress = Progress(0, state_dict["samples"], state_dict["tokens"], state_dict["seconds"])
+        self.validated_at = state_dict["validated_at"]
+
+
+def parse_optional(text: str | None, setting: str) -> Period | None:
+    return None if text is None else Period.parse(text, setting)
+
+
+class LoopFigures:
+    """Adds tokens per second, the time left (``eta``) and the loss averaged over recent steps to the metrics
+    a Lightning progress bar shows; mixed into both of Lightning's bars below."""
+
+    def __init__(self, loop: LoopControl, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loop = loop
+        self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(loss.item())
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self.losses:
+            metrics["loss"] = f"{sum(self.losses) / len(self.losses):.3f}"
+        tokens_per_second = self.loop.rate("tokens")
+        if tokens_per_second:
+            metrics["tok/s"] = f"{tokens_per_second:,.0f}"
+        seconds_left = self.loop.seconds_left(trainer)
+        if seconds_left is not None:
+            metrics["eta"] = format_duration(seconds_left)
+        return metrics
+
+
+class LoopTQDMProgressBar(LoopFigures, TQDMProgressBar):
+    """Lightning's tqdm bar with ``LoopFigures``."""
+
+
+class LoopRichProgressBar(LoopFigures, RichProgressBar):
+    """Lightning's rich bar with ``LoopFigures``."""
+
+
+LOOP_PROGRESS_BARS = {TQDMProgressBar: LoopTQDMProgressBar, RichProgressBar: LoopRichProgressBar}
+
+
+class MetricsCSV(Logger):
+    """Every logged metric in one CSV file, one row per step, for tools that do not read TensorBoard.
+
+    A step's row is written, and the file closed, as soon as a later step logs: a crash loses at most the
+    step in progress. An existing file is continued, never replaced: a resumed run appends its rows (a step
+    that the interrupted run logged after its checkpoint then appears twice; the later row is the one that
+    counts), and a metric that first appears later widens the header, rewriting the file once.
+    """
+
+    FILE_NAME = "metrics.csv"
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self.columns: list[str] = []
+        self.row: dict[str, float] = {}
+        self.step: int | None = None
+
+    @property
+    def name(self) -> str:
+        return "metrics_csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.path.parent)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Nothing: hyperparameters are in the run's config.yaml and in TensorBoard."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if step is not None and step != self.step:
+            self._write_row()
+            self.step = step
+        self.row.update({name: float(value) for name, value in metrics.items()})
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._write_row()
+        self.step = None
+
+    def _write_row(self) -> None:
+        if not self.row:
+            return
+        row = {"step": self.step, **self.row}
+        self.row = {}
+        if not self.columns and self.path.exists():
+            with self.path.open(newline="") as file:
+                self.columns = next(csv.reader(file), [])
+        if not set(row) <= set(self.columns):
+            self.columns = ["step", *sorted((set(self.columns) | set(row)) - {"step"})]
+            self._rewrite_with_header()
+        with self.path.open("a", newline="") as file:
+            csv.DictWriter(file, self.columns).writerow(row)
+
+    def _rewrite_with_header(self) -> None:
+        rows = []
+        if self.path.exists():
+            with self.path.open(newline="") as file:
+                rows = list(csv.DictReader(file))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".tmp")
+        with partial.open("w", newline="") as file:
+            writer = csv.DictWriter(file, self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, self.path)
