@@ -1,5 +1,6 @@
 """Translation end to end: fit on local pairs, translate through infer.py, export, and the shipped config."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,17 @@ def test_shipped_translation_config_runs_on_the_embedded_number_phrases(in_tmp: 
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:4] == ["split", "pairs", "dropped", "truncated"]
     assert "train" in table and "1,800" in table
+
+
+def test_predict_writes_every_translation_of_the_predict_split(trained: Path):
+    workdir = trained.parents[3]
+    result = run_script(
+        "xlab.py", "predict", *translator_args(workdir / "pairs.tsv"), f"--ckpt_path={trained}", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote runs/translate/predictions.jsonl" in result.stdout
+    rows = [
+        json.loads(line) for line in (workdir / "runs" / "translate" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert rows and all(set(row) == {"source", "translation", "reference"} for row in rows)
+    assert all(row["translation"] == row["reference"] == dict(PAIRS)[row["source"]] for row in rows)

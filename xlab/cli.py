@@ -17,6 +17,7 @@ from xlab.callbacks import SaveOnInterrupt, TokensPerSecond
 from xlab.checkpoint import architecture, is_export, load
 from xlab.errors import UserError
 from xlab.loop import LoopControl
+from xlab.predictions import WritePredictions
 from xlab.slurm import RequeueOnSignal, check_allocation, requeued_checkpoint
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -57,7 +58,13 @@ class XLabCLI(LightningCLI):
             subclass_mode_data=True,
             trainer_class=XLabTrainer,
             trainer_defaults={
-                "callbacks": [TokensPerSecond(), SaveOnInterrupt(), RequeueOnSignal(), LearningRateMonitor("step")]
+                "callbacks": [
+                    TokensPerSecond(),
+                    SaveOnInterrupt(),
+                    RequeueOnSignal(),
+                    LearningRateMonitor("step"),
+                    WritePredictions(),
+                ]
             },
             parser_kwargs=parser_kwargs,
             save_config_kwargs={"overwrite": True},
@@ -133,6 +140,11 @@ class XLabCLI(LightningCLI):
                 f"{directory} already holds checkpoints: resume with --ckpt_path last, or start a new run "
                 "with --trainer.logger.init_args.name NAME"
             )
+
+    def after_predict(self) -> None:
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, WritePredictions))
+        if writer.written is not None:
+            print(f"wrote {writer.written}")
 
     def after_fit(self) -> None:
         interrupt = next(cb for cb in self.trainer.callbacks if isinstance(cb, SaveOnInterrupt))
