@@ -10,7 +10,7 @@ from torch import nn
 from xlab.data.tokenizer import EOS_ID, PAD_ID
 from xlab.generation import GenerationConfig, decode_sources
 from xlab.models.config import TransformerConfig
-from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
+from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder, copy_stacks_to_torch
 from xlab.models.metrics import corpus_scores
 from xlab.models.translator import Translator
 
@@ -25,26 +25,6 @@ def config(**options) -> TransformerConfig:
 def original(**options) -> TransformerConfig:
     """The configuration of "Attention Is All You Need": post-norm, ReLU, sinusoidal positions."""
     return config(norm_placement="post", activation="relu", positions="sinusoidal", tie_embeddings=False, **options)
-
-
-def copy_into_torch(model: EncoderDecoder, reference: nn.Transformer) -> None:
-    """Copy every stack weight of ``model`` into ``torch.nn.Transformer``'s layout (q, k, v stacked in in_proj)."""
-    stacks = ((model.encoder, reference.encoder.layers), (model.decoder, reference.decoder.layers))
-    with torch.no_grad():
-        for blocks, layers in stacks:
-            for block, layer in zip(blocks, layers, strict=True):
-                attentions = [(block.self_attn, layer.self_attn)]
-                if block.cross_attn is not None:
-                    attentions.append((block.cross_attn, layer.multihead_attn))
-                for ours, theirs in attentions:
-                    theirs.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.kv_proj.weight]))
-                    theirs.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.kv_proj.bias]))
-                    theirs.out_proj.load_state_dict(ours.out_proj.state_dict())
-                layer.linear1.load_state_dict(block.mlp.in_proj.state_dict())
-                layer.linear2.load_state_dict(block.mlp.out_proj.state_dict())
-                norms = [layer.norm1, layer.norm2] + ([layer.norm3] if block.cross_attn is not None else [])
-                for ours, theirs in zip(block.norms, norms, strict=True):
-                    theirs.load_state_dict(ours.state_dict())
 
 
 def padded_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +45,7 @@ def test_stacks_equal_torch_transformer_with_copied_weights_and_padding(norm_pla
     ).eval()  # fmt: skip
     if norm_placement == "post":  # the paper's post-norm stacks end without the extra LayerNorm torch adds
         reference.encoder.norm = reference.decoder.norm = None
-    else:
-        reference.encoder.norm.load_state_dict(model.encoder_norm.state_dict())
-        reference.decoder.norm.load_state_dict(model.final_norm.state_dict())
-    copy_into_torch(model, reference)
+    copy_stacks_to_torch(model, reference)
     source, source_padding = padded_batch([7, 4, 2], seed=1)
     target, target_padding = padded_batch([5, 6, 3], seed=2)
 
@@ -88,11 +65,7 @@ def test_stacks_equal_torch_transformer_with_copied_weights_and_padding(norm_pla
 def test_torch_implementation_matches_the_from_scratch_model_with_copied_weights():
     torch.manual_seed(0)
     ours = EncoderDecoder(original()).eval()
-    wrapped = TorchEncoderDecoder(original()).eval()
-    wrapped.load_state_dict(
-        {k: v for k, v in ours.state_dict().items() if not k.startswith(("encoder.", "decoder."))}, strict=False
-    )
-    copy_into_torch(ours, wrapped.transformer)
+    wrapped = TorchEncoderDecoder.from_xlab(ours).eval()
     source, source_padding = padded_batch([6, 3], seed=3)
     target, _ = padded_batch([4, 4], seed=4)
     torch.testing.assert_close(ours(source, target, source_padding), wrapped(source, target, source_padding))

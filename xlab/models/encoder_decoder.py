@@ -131,6 +131,16 @@ class TorchEncoderDecoder(EncoderDecoder):
 
     supports_cache = False
 
+    @classmethod
+    def from_xlab(cls, model: EncoderDecoder) -> "TorchEncoderDecoder":
+        """The same function as ``model`` (same config, a copy of its weights) on ``torch.nn.Transformer``."""
+        reference = cls(model.config).to(next(model.parameters()).dtype)
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith(("encoder", "decoder", "final_norm"))}
+        missing, unexpected = reference.load_state_dict(own, strict=False)
+        assert not unexpected and all(key.startswith("transformer.") for key in missing), (missing, unexpected)
+        copy_stacks_to_torch(model, reference.transformer)
+        return reference.to(next(model.parameters()).device)
+
     def build_stacks(self, config: TransformerConfig, rotary: RotaryEmbedding | None) -> None:
         check_torch_compatible(config)
         pre_norm = config.norm_placement == "pre"
@@ -181,6 +191,34 @@ class TorchEncoderDecoder(EncoderDecoder):
             y, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=source_padding
         )
         return self.head(y)
+
+
+def copy_stacks_to_torch(model: EncoderDecoder, transformer: nn.Transformer) -> None:
+    """Copy the encoder and decoder stacks of ``model`` into ``transformer``, in its layout: query, key and
+    value projections stacked in ``in_proj``; the final norms where both have them (pre-norm)."""
+    stacks = ((model.encoder, transformer.encoder.layers), (model.decoder, transformer.decoder.layers))
+    with torch.no_grad():
+        for blocks, layers in stacks:
+            for block, layer in zip(blocks, layers, strict=True):
+                attentions = [(block.self_attn, layer.self_attn)]
+                if block.cross_attn is not None:
+                    attentions.append((block.cross_attn, layer.multihead_attn))
+                for ours, theirs in attentions:
+                    theirs.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.kv_proj.weight]))
+                    if theirs.in_proj_bias is not None:
+                        theirs.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.kv_proj.bias]))
+                    theirs.out_proj.load_state_dict(ours.out_proj.state_dict())
+                layer.linear1.load_state_dict(block.mlp.in_proj.state_dict())
+                layer.linear2.load_state_dict(block.mlp.out_proj.state_dict())
+                norms = [layer.norm1, layer.norm2] + ([layer.norm3] if block.cross_attn is not None else [])
+                for ours, theirs in zip(block.norms, norms, strict=True):
+                    theirs.load_state_dict(ours.state_dict())
+        for ours, theirs in (
+            (model.encoder_norm, transformer.encoder.norm),
+            (model.final_norm, transformer.decoder.norm),
+        ):
+            if theirs is not None and not isinstance(ours, nn.Identity):
+                theirs.load_state_dict(ours.state_dict())
 
 
 def check_torch_compatible(config: TransformerConfig) -> None:
