@@ -1,6 +1,7 @@
 """Translation end to end: fit on local pairs, translate through infer.py, export, and the shipped config."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.conftest import ROOT, run_cli, run_script
 from tests.test_translation_data import PAIRS, write_tsv
+from xlab.data.pairs import NumberPhrases
 
 
 def translator_args(pairs: Path, *extra: str) -> list[str]:
@@ -136,3 +138,23 @@ def test_predict_writes_every_translation_of_the_predict_split(trained: Path):
     ]
     assert rows and all(set(row) == {"source", "translation", "reference"} for row in rows)
     assert all(row["translation"] == row["reference"] == dict(PAIRS)[row["source"]] for row in rows)
+
+
+def test_two_process_validation_scores_every_translation_once(tmp_path: Path):
+    """Exact match, BLEU and chrF over two processes equal the single-process figures (the outputs are gathered)."""
+    pairs = NumberPhrases(size=400, seed=1).load()
+    tsv = write_tsv(tmp_path / "pairs.tsv", list(zip(pairs["source"], pairs["target"])))
+    args = translator_args(tsv, "--trainer.max_steps=40", "--trainer.val_check_interval=40")
+    assert run_script("xlab.py", "fit", *args, cwd=tmp_path).returncode == 0
+    checkpoint = tmp_path / "runs" / "translate" / "checkpoints" / "last.ckpt"
+
+    def scores(*extra: str) -> dict[str, float]:
+        result = run_script("xlab.py", "validate", *args, *extra, f"--ckpt_path={checkpoint}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        found = re.findall(r"val/(exact_match|bleu|chrf)\s+│?\s*([0-9.]+)", result.stdout)
+        return {name: float(value) for name, value in found}
+
+    single = scores("--trainer.devices=1")
+    assert set(single) == {"exact_match", "bleu", "chrf"} and 0 < single["chrf"] < 100
+    ddp = scores("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp")
+    assert ddp == pytest.approx(single, abs=1e-3)
