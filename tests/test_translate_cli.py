@@ -103,7 +103,8 @@ def test_the_torch_reference_implementation_trains_and_validates(in_tmp: Path):
     losses = [event.value for event in events.Scalars("train/loss")]
     assert losses[-1] < losses[0] and "val/chrf" in events.Tags()["scalars"]
     checkpoint = in_tmp / "runs" / "translate" / "checkpoints" / "last.ckpt"
-    assert run_cli("test", *translator_args(pairs, *reference), f"--ckpt_path={checkpoint}") == 0
+    beams = "--model.init_args.num_beams=3"
+    assert run_cli("test", *translator_args(pairs, *reference, beams), f"--ckpt_path={checkpoint}") == 0
 
 
 def test_shipped_translation_config_runs_on_the_embedded_number_phrases(in_tmp: Path, capsys):
