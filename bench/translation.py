@@ -31,6 +31,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,13 +78,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def translation_config(args: argparse.Namespace) -> TransformerConfig:
-    base = model_config(args)
-    return TransformerConfig(
-        vocab_size=base.vocab_size,
-        context_length=base.context_length,
-        n_layers=base.n_layers,
-        d_model=base.d_model,
-        n_heads=base.n_heads,
+    return replace(
+        model_config(args),
         activation=args.activation,
         norm_placement=args.norm_placement,
         positions="sinusoidal",

@@ -26,6 +26,9 @@ from xlab.errors import UserError
 from xlab.files import atomic_directory, write_json_atomic
 
 ENCODE_BATCH = 1000
+ENCODED_COLUMNS = (
+    "source_ids", "target_ids", "truncated", "source_text", "reference", "source_length", "target_length"
+)  # fmt: skip
 
 
 class TranslationDataModule(XLabDataModule):
@@ -120,8 +123,7 @@ class TranslationDataModule(XLabDataModule):
         limit, truncate = self.context_length, self.overlong == "truncate"
 
         def encode(batch: dict[str, list[str]]) -> dict[str, list]:
-            out: dict[str, list] = {key: [] for key in ("source_ids", "target_ids", "truncated", "source_text")}
-            out |= {"reference": [], "source_length": [], "target_length": []}
+            rows = []
             for text, translation, src, tgt in zip(
                 batch[SOURCE], batch[TARGET], source.encode_batch(batch[SOURCE]), target.encode_batch(batch[TARGET])
             ):
@@ -129,12 +131,18 @@ class TranslationDataModule(XLabDataModule):
                 if long and not truncate:
                     continue
                 src_ids, tgt_ids = src.ids[: limit - 1] + [EOS_ID], [BOS_ID] + tgt.ids[: limit - 1] + [EOS_ID]
-                for key, value in zip(out, (src_ids, tgt_ids, long, text)):
-                    out[key].append(value)
-                out["reference"].append(translation)
-                out["source_length"].append(len(src_ids))
-                out["target_length"].append(len(tgt_ids) - 1)
-            return out
+                rows.append(
+                    {
+                        "source_ids": src_ids,
+                        "target_ids": tgt_ids,
+                        "truncated": long,
+                        "source_text": text,
+                        "reference": translation,
+                        "source_length": len(src_ids),
+                        "target_length": len(tgt_ids) - 1,
+                    }
+                )
+            return {column: [row[column] for row in rows] for column in ENCODED_COLUMNS}
 
         return pairs.map(
             encode, batched=True, batch_size=ENCODE_BATCH, remove_columns=[SOURCE, TARGET], desc="Encoding pairs"
