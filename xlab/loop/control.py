@@ -1,111 +1,29 @@
-"""Loop control as configuration: periods and budgets in steps, samples, tokens or seconds.
+"""``LoopControl``: when to validate, checkpoint, log and stop, from what every optimizer step adds.
 
-Lightning's loop does the training. ``LoopControl``, one callback, counts what every optimizer step adds
-(samples, tokens, wall-clock time) and from those counts tells Lightning when to validate and log, saves
-``last.ckpt``, calls ``Periodic`` callbacks such as ``SampleText``, and stops the run at a budget. It also
-shows tokens per second, the time left and a running loss in the progress bar, and writes every logged
-metric to ``metrics.csv`` beside the TensorBoard events.
-
-Periods and budgets are strings: ``"500 steps"``, ``"64k samples"``, ``"1M tokens"``, ``"90 s"``,
-``"30 min"``, ``"2h"``.
+It counts samples and tokens (summed exactly over processes) and wall-clock time, decides from those
+counts, saves ``last.ckpt``, calls ``Periodic`` callbacks such as ``SampleText``, and stops the run at
+a budget.
 """
 
-import csv
-import os
-import re
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from xlab.errors import UserError
+from xlab.loop.metrics_csv import MetricsCSV
+from xlab.loop.periods import Period, Progress, format_duration, parse_optional
+from xlab.loop.progress_bar import LOOP_PROGRESS_BARS
 
-UNITS = {
-    **dict.fromkeys(("step", "steps"), ("steps", 1)),
-    **dict.fromkeys(("sample", "samples"), ("samples", 1)),
-    **dict.fromkeys(("token", "tokens"), ("tokens", 1)),
-    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), ("seconds", 1)),
-    **dict.fromkeys(("min", "mins", "minute", "minutes"), ("seconds", 60)),
-    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), ("seconds", 3600)),
-    **dict.fromkeys(("d", "day", "days"), ("seconds", 86400)),
-}
-SCALES = {"": 1, "k": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
-PERIOD_SYNTAX = re.compile(
-    r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<scale>[kMBG]?)\s*(?P<unit>[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*"
-)
-PERIOD_HELP = (
-    "write a positive number and a unit: steps, samples, tokens, s, min, h or d, "
-    "optionally scaled by k, M or B (500 steps, 64k samples, 1M tokens, 30 min, 2h)"
-)
 NEVER = sys.maxsize  # a step interval Lightning never reaches
 RATE_WINDOW = 50  # optimizer steps over which tokens per second and the time left are measured
-LOSS_WINDOW = 20  # optimizer steps the progress bar averages the loss over
-
-
-@dataclass
-class Progress:
-    """What training has done: optimizer steps, samples and tokens (summed over processes), seconds of wall time."""
-
-    steps: int = 0
-    samples: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-
-    def get(self, unit: str) -> float:
-        return getattr(self, unit)
-
-
-@dataclass(frozen=True)
-class Period:
-    """An amount of one of the counts in ``Progress``: a period between events or a budget."""
-
-    amount: float
-    unit: str
-    text: str = ""
-
-    @classmethod
-    def parse(cls, text: Any, setting: str) -> "Period":
-        """``"1M tokens"`` -> ``Period(1e6, "tokens")``; a ``UserError`` naming ``setting`` for anything else."""
-        match = PERIOD_SYNTAX.fullmatch(str(text))
-        if match is None:
-            raise bad_period(setting, text, "not a period")
-        name = match["unit"].lower()
-        if name not in UNITS:
-            raise bad_period(setting, text, f"unknown unit {match['unit']!r}")
-        unit, seconds_per_unit = UNITS[name]
-        amount = float(match["number"]) * SCALES[match["scale"]] * seconds_per_unit
-        if amount <= 0:
-            raise bad_period(setting, text, "it must be more than zero")
-        if unit != "seconds" and not amount.is_integer():
-            raise bad_period(setting, text, f"a number of {unit} must be whole")
-        return cls(amount, unit, str(text).strip())
-
-    def crossed(self, before: Progress, after: Progress) -> bool:
-        """Whether going from ``before`` to ``after`` passes a multiple of the period.
-
-        Periods fire at multiples (1M, 2M, 3M tokens), not at a distance from the last firing, so that
-        where the next one falls follows from the counts alone and a resumed run keeps the schedule.
-        """
-        return after.get(self.unit) // self.amount > before.get(self.unit) // self.amount
-
-    def reached(self, progress: Progress) -> bool:
-        return progress.get(self.unit) >= self.amount
-
-    def __str__(self) -> str:
-        return self.text or f"{self.amount:g} {self.unit}"
-
-
-def bad_period(setting: str, text: Any, problem: str) -> UserError:
-    return UserError(f"{setting}={text!r}: {problem}; {PERIOD_HELP}")
 
 
 def tokens_in_batch(pl_module: LightningModule, batch: Any) -> int:
@@ -122,12 +40,6 @@ def samples_in_batch(batch: Any) -> int:
     elif isinstance(batch, list | tuple):
         batch = batch[0]
     return len(batch)
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 class Periodic(Callback):
@@ -344,122 +256,3 @@ class LoopControl(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.progress = Progress(0, state_dict["samples"], state_dict["tokens"], state_dict["seconds"])
         self.validated_at = state_dict["validated_at"]
-
-
-def parse_optional(text: str | None, setting: str) -> Period | None:
-    return None if text is None else Period.parse(text, setting)
-
-
-class LoopFigures:
-    """Adds tokens per second, the time left (``eta``) and the loss averaged over recent steps to the metrics
-    a Lightning progress bar shows; mixed into both of Lightning's bars below."""
-
-    def __init__(self, loop: LoopControl, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.loop = loop
-        self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor):
-            self.losses.append(loss.item())
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        if self.losses:
-            metrics["loss"] = f"{sum(self.losses) / len(self.losses):.3f}"
-        tokens_per_second = self.loop.rate("tokens")
-        if tokens_per_second:
-            metrics["tok/s"] = f"{tokens_per_second:,.0f}"
-        seconds_left = self.loop.seconds_left(trainer)
-        if seconds_left is not None:
-            metrics["eta"] = format_duration(seconds_left)
-        return metrics
-
-
-class LoopTQDMProgressBar(LoopFigures, TQDMProgressBar):
-    """Lightning's tqdm bar with ``LoopFigures``."""
-
-
-class LoopRichProgressBar(LoopFigures, RichProgressBar):
-    """Lightning's rich bar with ``LoopFigures``."""
-
-
-LOOP_PROGRESS_BARS = {TQDMProgressBar: LoopTQDMProgressBar, RichProgressBar: LoopRichProgressBar}
-
-
-class MetricsCSV(Logger):
-    """Every logged metric in one CSV file, one row per step, for tools that do not read TensorBoard.
-
-    A step's row is written, and the file closed, as soon as a later step logs: a crash loses at most the
-    step in progress. An existing file is continued, never replaced: a resumed run appends its rows (a step
-    that the interrupted run logged after its checkpoint then appears twice; the later row is the one that
-    counts), and a metric that first appears later widens the header, rewriting the file once.
-    """
-
-    FILE_NAME = "metrics.csv"
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = Path(path)
-        self.columns: list[str] = []
-        self.row: dict[str, float] = {}
-        self.step: int | None = None
-
-    @property
-    def name(self) -> str:
-        return "metrics_csv"
-
-    @property
-    def version(self) -> str:
-        return ""
-
-    @property
-    def save_dir(self) -> str:
-        return str(self.path.parent)
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        """Nothing: hyperparameters are in the run's config.yaml and in TensorBoard."""
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        if step is not None and step != self.step:
-            self._write_row()
-            self.step = step
-        self.row.update({name: float(value) for name, value in metrics.items()})
-
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        self._write_row()
-        self.step = None
-
-    def _write_row(self) -> None:
-        if not self.row:
-            return
-        row = {"step": self.step, **self.row}
-        self.row = {}
-        if not self.columns and self.path.exists():
-            with self.path.open(newline="") as file:
-                self.columns = next(csv.reader(file), [])
-        if not set(row) <= set(self.columns):
-            self.columns = ["step", *sorted((set(self.columns) | set(row)) - {"step"})]
-            self._rewrite_with_header()
-        with self.path.open("a", newline="") as file:
-            csv.DictWriter(file, self.columns).writerow(row)
-
-    def _rewrite_with_header(self) -> None:
-        rows = []
-        if self.path.exists():
-            with self.path.open(newline="") as file:
-                rows = list(csv.DictReader(file))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".tmp")
-        with partial.open("w", newline="") as file:
-            writer = csv.DictWriter(file, self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(partial, self.path)

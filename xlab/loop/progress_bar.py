@@ -1,0 +1,57 @@
+"""Tokens per second, the time left and a running loss in Lightning's progress bar."""
+
+from collections import deque
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+from xlab.loop.periods import format_duration
+
+if TYPE_CHECKING:  # control.py imports this module to replace Lightning's bar
+    from xlab.loop.control import LoopControl
+
+LOSS_WINDOW = 20  # optimizer steps the progress bar averages the loss over
+
+
+class LoopFigures:
+    """Adds tokens per second, the time left (``eta``) and the loss averaged over recent steps to the metrics
+    a Lightning progress bar shows; mixed into both of Lightning's bars below."""
+
+    def __init__(self, loop: "LoopControl", *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loop = loop
+        self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(loss.item())
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self.losses:
+            metrics["loss"] = f"{sum(self.losses) / len(self.losses):.3f}"
+        tokens_per_second = self.loop.rate("tokens")
+        if tokens_per_second:
+            metrics["tok/s"] = f"{tokens_per_second:,.0f}"
+        seconds_left = self.loop.seconds_left(trainer)
+        if seconds_left is not None:
+            metrics["eta"] = format_duration(seconds_left)
+        return metrics
+
+
+class LoopTQDMProgressBar(LoopFigures, TQDMProgressBar):
+    """Lightning's tqdm bar with ``LoopFigures``."""
+
+
+class LoopRichProgressBar(LoopFigures, RichProgressBar):
+    """Lightning's rich bar with ``LoopFigures``."""
+
+
+LOOP_PROGRESS_BARS = {TQDMProgressBar: LoopTQDMProgressBar, RichProgressBar: LoopRichProgressBar}
