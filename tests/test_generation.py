@@ -70,8 +70,8 @@ class Biased(nn.Module):
         self.model, self.trigger, self.eos_bias = model, trigger, eos_bias
         self.config = model.config
 
-    def forward(self, tokens, positions=None, mask=None, cache=None):
-        logits = self.model(tokens, positions=positions, mask=mask, cache=cache).clone()
+    def forward(self, tokens, positions=None, padding=None, cache=None):
+        logits = self.model(tokens, positions=positions, padding=padding, cache=cache).clone()
         if self.trigger is None:
             logits[..., EOS_ID] += self.eos_bias
         else:
@@ -89,7 +89,7 @@ class FixedLogits:
         self.logits = torch.tensor(logits)
         self.config = SimpleNamespace(max_positions=max_positions)
 
-    def __call__(self, tokens, positions=None, mask=None, cache=None):
+    def __call__(self, tokens, positions=None, padding=None, cache=None):
         if cache is not None:
             cache.advance(tokens.size(1))
         return self.logits.expand(tokens.size(0), tokens.size(1), -1).clone()
@@ -107,7 +107,7 @@ class Scripted:
         self.scripts, self.vocab = scripts, vocab
         self.config = SimpleNamespace(max_positions=max_positions)
 
-    def __call__(self, tokens, positions=None, mask=None, cache=None):
+    def __call__(self, tokens, positions=None, padding=None, cache=None):
         if cache is not None:
             cache.advance(tokens.size(1))
         batch, time = tokens.shape

@@ -1,7 +1,7 @@
 """One decoding engine for every model: KV-cached greedy decoding, sampling and beam search.
 
 Names and meanings follow Hugging Face ``generate``. A model is anything with
-``forward(tokens, positions=, mask=, cache=) -> logits``, ``new_cache(batch, capacity)`` and a
+``forward(tokens, positions=, padding=, cache=) -> logits``, ``new_cache(batch, capacity)`` and a
 ``config.max_positions``, as ``xlab.models.decoder.Decoder`` has. Prompts of different lengths
 are left-padded and masked; every prompt is encoded once (prefill), then one token per step.
 Encoder-decoders (``translate``) run on the same strategies through ``ConditionedDecoder``.
@@ -19,14 +19,13 @@ from torch import Tensor
 from xlab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from xlab.errors import UserError
 from xlab.models.cache import KVCache
-from xlab.models.layers import attention_mask
 
 
 class CausalModel(Protocol):
     config: object
 
     def __call__(
-        self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None, cache: KVCache | None = None
+        self, tokens: Tensor, positions: Tensor | None = None, padding: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor: ...
 
     def new_cache(self, batch: int, capacity: int) -> KVCache: ...
@@ -238,16 +237,15 @@ class Rows:
     def prefill(self) -> Tensor:
         """Logits of the next token after each row's prompt."""
         padding = self.padding if self.padded else None
-        mask = attention_mask(self.tokens.size(1), padding, causal=True, device=self.tokens.device)
-        logits = self.model(self.tokens, positions=self.positions, mask=mask, cache=self.cache)
+        logits = self.model(self.tokens, positions=self.positions, padding=padding, cache=self.cache)
         self.next_position = self.positions[:, -1] + 1
         return logits[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Logits after appending one token to each row."""
         self.padding = torch.cat([self.padding, self.padding.new_zeros(len(tokens), 1)], dim=1)
-        mask = attention_mask(1, self.padding, causal=True, device=tokens.device) if self.padded else None
-        logits = self.model(tokens[:, None], positions=self.next_position[:, None], mask=mask, cache=self.cache)
+        padding = self.padding if self.padded else None
+        logits = self.model(tokens[:, None], positions=self.next_position[:, None], padding=padding, cache=self.cache)
         self.next_position = self.next_position + 1
         return logits[:, -1]
 
@@ -449,7 +447,7 @@ class Seq2SeqModel(Protocol):
         memory: Tensor,
         source_padding: Tensor | None = None,
         positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        padding: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor: ...
 
@@ -554,10 +552,10 @@ class ConditionedDecoder:
         self,
         tokens: Tensor,
         positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        padding: Tensor | None = None,
         cache: KVCache | TokenHistory | None = None,
     ) -> Tensor:
         if isinstance(cache, TokenHistory):
             cache.tokens = torch.cat([cache.tokens, tokens], dim=1)
             return self.model.decode(cache.tokens, self.row_memory, self.row_padding)[:, -tokens.size(1) :]
-        return self.model.decode(tokens, self.row_memory, self.row_padding, positions, mask, cache)
+        return self.model.decode(tokens, self.row_memory, self.row_padding, positions, padding, cache)

@@ -15,14 +15,16 @@ Positions = Literal["learned", "sinusoidal", "rotary"]
 class TransformerConfig:
     """Shape and options of a transformer stack.
 
-    ``vocab_size`` and ``context_length`` are decided by the data and linked in by the
-    CLI; the rest is chosen in YAML. ``max_positions`` is how many positions the model
+    ``vocab_size`` (the vocabulary the model writes in), ``source_vocab_size`` (the one an
+    encoder reads, when it has its own tokenizer; None: ``vocab_size``) and ``context_length``
+    are decided by the data and linked in by the CLI; the rest is chosen in YAML. ``max_positions`` is how many positions the model
     supports (default: ``context_length``), so a model can be trained on shorter
     sequences than it will later see.
     """
 
     vocab_size: int = 0
     context_length: int = 0
+    source_vocab_size: int | None = None
     n_layers: int = 4
     d_model: int = 256
     n_heads: int = 4

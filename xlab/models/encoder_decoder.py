@@ -6,41 +6,31 @@ encoder; causal self-attention and cross-attention to the encoder output in the 
 ``torch.nn.Transformer``, as a reference to train and compare against.
 """
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from xlab.errors import UserError
 from xlab.models.cache import KVCache
 from xlab.models.config import TransformerConfig
-from xlab.models.layers import Block, PositionEncoding, RotaryEmbedding, attention_mask, init_gpt2, make_norm
+from xlab.models.layers import Block, RotaryEmbedding, attention_mask, make_norm
+from xlab.models.network import Network
 
 
-class EncoderDecoder(nn.Module):
+class EncoderDecoder(Network):
     """Source and target embeddings, an encoder stack, a decoder stack and an output head over the target vocabulary.
 
     ``tie_embeddings`` ties the target embedding to the output projection. Positions are
-    shared by both sides; padding is given as boolean masks, True at padding positions.
+    shared by both sides; padding is given as boolean masks, True at padding positions. The
+    source vocabulary is ``source_vocab_size`` (default: ``vocab_size``, one shared tokenizer).
     """
 
-    supports_cache = True
-
     def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.config = config
-        self.source_embed = nn.Embedding(config.vocab_size, config.d_model)
+        super().__init__(config)
+        self.source_embed = nn.Embedding(config.source_vocab_size or config.vocab_size, config.d_model)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        rotary = RotaryEmbedding(config) if config.positions == "rotary" else None
-        self.positions = None if rotary else PositionEncoding(config)
-        # As in "Attention Is All You Need": embeddings scaled by sqrt(d_model) next to fixed sinusoids.
-        self.embed_scale = math.sqrt(config.d_model) if config.positions == "sinusoidal" else 1.0
-        self.dropout = nn.Dropout(config.dropout)
+        rotary = self.init_inputs(config)
         self.build_stacks(config, rotary)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_gpt2(self, 2 * config.n_layers)
-        if config.tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.init_head(2 * config.n_layers)
 
     def build_stacks(self, config: TransformerConfig, rotary: RotaryEmbedding | None) -> None:
         pre_norm = config.norm_placement == "pre"
@@ -79,13 +69,14 @@ class EncoderDecoder(nn.Module):
         memory: Tensor,
         source_padding: Tensor | None = None,
         positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        padding: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
         """Next-token logits for ``target`` (batch, time) given the encoder output; the rest as in Decoder.forward."""
         offset = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(offset, offset + target.size(1), device=target.device)
+        mask = attention_mask(target.size(1), padding, causal=True, device=target.device)
         y = self.embed_tokens(self.embed, target, positions)
         context_mask = None if source_padding is None else ~source_padding[:, None, None, :]
         for index, block in enumerate(self.decoder):
@@ -102,25 +93,6 @@ class EncoderDecoder(nn.Module):
         if cache is not None:
             cache.advance(target.size(1))
         return self.head(self.final_norm(y))
-
-    def embed_tokens(self, table: nn.Embedding, tokens: Tensor, positions: Tensor) -> Tensor:
-        x = table(tokens) * self.embed_scale
-        if self.positions is not None:
-            x = x + self.positions(positions)
-        return self.dropout(x)
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty cache for the decoder of ``batch`` sequences of up to ``capacity`` target positions."""
-        cfg, weight = self.config, self.embed.weight
-        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, capacity, weight.dtype, weight.device)
-
-    def num_parameters(self, exclude_embeddings: bool = True) -> int:
-        total = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            total -= self.embed.weight.numel() + self.source_embed.weight.numel()
-            if self.positions is not None and self.positions.learned:
-                total -= self.positions.table.weight.numel()
-        return total
 
 
 class TorchEncoderDecoder(EncoderDecoder):
@@ -178,11 +150,11 @@ class TorchEncoderDecoder(EncoderDecoder):
         memory: Tensor,
         source_padding: Tensor | None = None,
         positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        padding: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        if cache is not None or mask is not None:
-            raise ValueError("the torch.nn.Transformer reference decodes without a cache or custom masks")
+        if cache is not None or padding is not None:
+            raise ValueError("the torch.nn.Transformer reference decodes without a cache or target padding")
         if positions is None:
             positions = torch.arange(target.size(1), device=target.device)
         y = self.embed_tokens(self.embed, target, positions)

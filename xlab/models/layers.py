@@ -209,15 +209,3 @@ def sinusoids(length: int, dim: int) -> Tensor:
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
     return table
-
-
-def init_gpt2(module: nn.Module, n_layers: int) -> None:
-    """GPT-2 initialisation: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * layers)."""
-    residual_std = 0.02 / math.sqrt(2 * n_layers)
-    for name, param in module.named_parameters():
-        if name.endswith("out_proj.weight"):
-            nn.init.normal_(param, std=residual_std)
-        elif name.endswith("bias"):
-            nn.init.zeros_(param)
-        elif param.dim() >= 2:
-            nn.init.normal_(param, std=0.02)
