@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from xlab.generation import GenerationConfig, generate
-from xlab.loop import Periodic
+from xlab.loop import Periodic, last_checkpoint_path
 
 
 class TokensPerSecond(Callback):
@@ -86,9 +86,7 @@ class SaveOnSignal(Callback):
         """Save once training is over, so that no later step writes over or beside this checkpoint."""
         if not self.stopping:
             return
-        checkpoint = trainer.checkpoint_callback
-        directory = Path(checkpoint.dirpath) if checkpoint else Path(trainer.default_root_dir)
-        self.saved_to = directory / "last.ckpt"
+        self.saved_to = last_checkpoint_path(trainer)
         trainer.save_checkpoint(self.saved_to)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -130,7 +130,7 @@ class XLabCLI(LightningCLI):
     def before_fit(self) -> None:
         """Refuse to start a new run over the checkpoints of an earlier one; a requeued SLURM job resumes its own."""
         directory = Path(self.trainer.checkpoint_callback.dirpath or Path(self.trainer.log_dir) / "checkpoints")
-        if requeued_checkpoint(directory) is not None:
+        if requeued_checkpoint(self.trainer) is not None:
             self.config_init[self.subcommand]["ckpt_path"] = "last"
             return
         if self.config_init[self.subcommand].get("ckpt_path") is not None:

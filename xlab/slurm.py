@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from xlab.callbacks import SaveOnSignal
 from xlab.errors import UserError
 from xlab.files import write_atomic
+from xlab.loop import last_checkpoint_path
 
 XLAB = Path(__file__).resolve().parent.parent / "xlab.py"
 LOG_DIR = Path("slurm")
@@ -233,13 +234,13 @@ def _configured_devices(devices: Any, accelerator: Any) -> int | None:
     return 1 if accelerator in ("auto", "cpu") else None
 
 
-def requeued_checkpoint(checkpoints: Path) -> Path | None:
-    """``last.ckpt`` in ``checkpoints`` when this is a requeued SLURM job: the state its previous run left.
+def requeued_checkpoint(trainer: Trainer) -> Path | None:
+    """The run's ``last.ckpt`` when this is a requeued SLURM job: the state its previous run left.
 
     It is newer than any ``ckpt_path`` the job was submitted with, which named where the job began.
     """
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    checkpoint = checkpoints / "last.ckpt"
+    checkpoint = last_checkpoint_path(trainer)
     if restarts < 1 or not checkpoint.is_file():
         return None
     rank_zero_info(f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restarts}: resuming from {checkpoint}")

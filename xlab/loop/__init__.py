@@ -13,8 +13,10 @@ Periods and budgets are strings: ``"500 steps"``, ``"64k samples"``, ``"1M token
 - ``control``: ``LoopControl``, ``Periodic`` and what a batch counts.
 - ``progress_bar``: ``LoopFigures`` and Lightning's two bars with them.
 - ``metrics_csv``: ``MetricsCSV``, the logger behind ``metrics.csv``.
+- ``checkpoint_path``: ``last_checkpoint_path``, where a run's ``last.ckpt`` is.
 """
 
+from xlab.loop.checkpoint_path import LAST_CHECKPOINT, last_checkpoint_path
 from xlab.loop.control import NEVER, RATE_WINDOW, LoopControl, Periodic, samples_in_batch, tokens_in_batch
 from xlab.loop.metrics_csv import MetricsCSV
 from xlab.loop.periods import (
@@ -37,6 +39,7 @@ from xlab.loop.progress_bar import (
 )
 
 __all__ = [
+    "LAST_CHECKPOINT",
     "LOOP_PROGRESS_BARS",
     "LOSS_WINDOW",
     "NEVER",
@@ -55,6 +58,7 @@ __all__ = [
     "Progress",
     "bad_period",
     "format_duration",
+    "last_checkpoint_path",
     "parse_optional",
     "samples_in_batch",
     "tokens_in_batch",

@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from xlab.errors import UserError
+from xlab.loop.checkpoint_path import last_checkpoint_path
 from xlab.loop.metrics_csv import MetricsCSV
 from xlab.loop.periods import Period, Progress, format_duration, parse_optional
 from xlab.loop.progress_bar import LOOP_PROGRESS_BARS
@@ -211,9 +212,7 @@ class LoopControl(Callback):
             self._save_last(trainer)
 
     def _save_last(self, trainer: Trainer) -> None:
-        checkpoint = trainer.checkpoint_callback
-        directory = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
-        trainer.save_checkpoint(directory / "last.ckpt")
+        trainer.save_checkpoint(last_checkpoint_path(trainer))
 
     def _stop_if_spent(self, trainer: Trainer, progress: Progress) -> None:
         spent = next((budget for budget in self.budgets if budget.reached(progress)), None)
