@@ -7,7 +7,9 @@ import sacrebleu
 import torch
 from torch import nn
 
+from xlab.callbacks import EngineDecoding
 from xlab.data.tokenizer import EOS_ID, PAD_ID
+from xlab.errors import UserError
 from xlab.generation import GenerationConfig, decode_sources
 from xlab.models.config import TransformerConfig
 from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder, copy_stacks_to_torch
@@ -131,6 +133,46 @@ def test_training_loss_is_label_smoothed_cross_entropy_over_real_target_tokens()
     expected = (0.9 * nll + 0.1 * uniform).mean()
     torch.testing.assert_close(loss, expected)
     assert translator.tokens_seen == 6
+
+
+class IdsAsText:
+    """A tokenizer that writes token ids as text, so a translation shows exactly which ids were decoded."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return " ".join(map(str, ids))
+
+
+def evaluation_batch(translator: Translator) -> tuple[dict, list[list[int]]]:
+    """A batch of two padded sources, as the translation data gives them, and their token ids; the translator
+    gets a fake trainer whose data module has an IdsAsText tokenizer."""
+    datamodule = type("FakeData", (), {"tokenizer": IdsAsText()})()
+    translator.trainer = type("FakeTrainer", (), {"world_size": 1, "datamodule": datamodule})()
+    source, source_padding = padded_batch([5, 3], seed=8)
+    sources = [row[~pad].tolist() for row, pad in zip(source, source_padding)]
+    return {"source": source, "source_padding": source_padding}, sources
+
+
+def test_translator_without_engine_decoding_names_the_callback_to_add():
+    translator = Translator(config())
+    batch, _ = evaluation_batch(translator)
+    with pytest.raises(UserError, match="xlab.callbacks.EngineDecoding"):
+        translator.translate_batch(batch)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_engine_decoding_hands_the_translator_the_engines_best_translation(num_beams: int):
+    torch.manual_seed(0)
+    translator = Translator(config(), num_beams=num_beams, max_new_tokens=6).eval()
+    batch, sources = evaluation_batch(translator)
+    EngineDecoding().setup(translator.trainer, translator, "validate")
+    expected = decode_sources(translator.model, sources, GenerationConfig(max_new_tokens=6, num_beams=num_beams))
+    assert translator.translate_batch(batch) == [" ".join(map(str, best[0][0])) for best in expected]
+
+
+@pytest.mark.parametrize("option", ["num_beams", "max_new_tokens"])
+def test_translator_refuses_decoding_settings_below_one(option: str):
+    with pytest.raises(UserError, match=f"model.{option} must be at least 1"):
+        Translator(config(), **{option: 0})
 
 
 def test_corpus_scores_equal_sacrebleu():

@@ -1,4 +1,5 @@
-"""Callbacks: throughput logging, a Ctrl-C that leaves a resumable checkpoint, sample text in TensorBoard."""
+"""Callbacks: throughput logging, a Ctrl-C that leaves a resumable checkpoint, sample text in TensorBoard,
+the decoding engine handed to translators."""
 
 import signal
 import time
@@ -8,7 +9,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from xlab.generation import GenerationConfig, generate
+from xlab.generation import GenerationConfig, best_targets, generate
 from xlab.loop import Periodic, last_checkpoint_path
 
 
@@ -153,3 +154,17 @@ class SampleText(Periodic):
             for prompt, generations in zip(self.prompts, results)
         )
         experiment.add_text("samples", text, trainer.global_step)
+
+
+class EngineDecoding(Callback):
+    """Hands ``xlab.generation``'s decoding to a module that takes one (``use_decoder``, as the Translator has)
+    before it validates, tests or predicts.
+
+    The models do not import the engine (it decodes them through its Protocols); this callback
+    is where the two meet. Modules without ``use_decoder`` are left alone.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        use_decoder = getattr(pl_module, "use_decoder", None)
+        if use_decoder is not None:
+            use_decoder(best_targets)

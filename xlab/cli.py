@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from xlab.callbacks import SaveOnInterrupt, TokensPerSecond
+from xlab.callbacks import EngineDecoding, SaveOnInterrupt, TokensPerSecond
 from xlab.checkpoint import architecture, is_export, load
 from xlab.errors import UserError
 from xlab.loop import LoopControl
@@ -64,6 +64,7 @@ class XLabCLI(LightningCLI):
                     RequeueOnSignal(),
                     LearningRateMonitor("step"),
                     WritePredictions(),
+                    EngineDecoding(),
                 ]
             },
             parser_kwargs=parser_kwargs,

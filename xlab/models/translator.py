@@ -1,5 +1,6 @@
 """The translation LightningModule: label-smoothed loss, token metrics, and decoded exact match, BLEU and chrF."""
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -8,13 +9,15 @@ from torch import Tensor, nn
 
 from xlab.data.tokenizer import PAD_ID
 from xlab.errors import UserError
-from xlab.generation import GenerationConfig, decode_sources
 from xlab.models.config import TransformerConfig
 from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
 from xlab.models.metrics import LMMetrics, corpus_scores, token_statistics
 from xlab.models.training import OptimizerConfig, TrainingModule
 
 IMPLEMENTATIONS = {"xlab": EncoderDecoder, "torch": TorchEncoderDecoder}
+
+Decode = Callable[[nn.Module, list[list[int]], int, int], list[list[int]]]
+"""How a Translator decodes: (network, source token ids, num_beams, max_new_tokens) -> best target ids per source."""
 
 
 class Translator(TrainingModule):
@@ -23,7 +26,9 @@ class Translator(TrainingModule):
     ``implementation``: ``xlab`` (layers.py, KV-cached decoding) or ``torch``
     (``torch.nn.Transformer``, the reference). Validation and test decode every source
     (greedy, or beam search with ``num_beams``) and score the translations against the
-    references; ``examples`` of them go to TensorBoard's text tab.
+    references; ``examples`` of them go to TensorBoard's text tab. The decoding is handed in
+    (``use_decoder``; the callback ``xlab.callbacks.EngineDecoding`` does it), so that the
+    models do not import the engine, which decodes them through its Protocols.
     """
 
     def __init__(
@@ -45,7 +50,12 @@ class Translator(TrainingModule):
         self.arch = arch
         self.model = IMPLEMENTATIONS[implementation](arch)
         self.label_smoothing = label_smoothing
-        self.decoding = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+            if value < 1:
+                raise UserError(f"model.{name} must be at least 1, got {value}")
+        self.num_beams = num_beams
+        self.max_new_tokens = max_new_tokens
+        self.decoding: Decode | None = None
         self.examples = examples
         self.metrics = nn.ModuleDict({stage: LMMetrics() for stage in ("val", "test")})
         self.outputs: list[tuple[str, str, str]] = []
@@ -85,12 +95,20 @@ class Translator(TrainingModule):
         translations = self.translate_batch(batch)
         self.outputs.extend(zip(batch["source_text"], translations, batch["reference"]))
 
+    def use_decoder(self, decode: Decode) -> None:
+        """Decode the sources of validation, test and predict with ``decode``."""
+        self.decoding = decode
+
     def translate_batch(self, batch: dict[str, Any]) -> list[str]:
         """The decoded translation of every source in ``batch``."""
+        if self.decoding is None:
+            raise UserError(
+                f"{type(self).__name__} needs xlab.callbacks.EngineDecoding among the trainer's callbacks to decode"
+            )
         sources = [row[~padding].tolist() for row, padding in zip(batch["source"], batch["source_padding"])]
         tokenizer = self.trainer.datamodule.tokenizer
-        results = decode_sources(self.model, sources, self.decoding)
-        return [tokenizer.decode(per_source[0][0], skip_special_tokens=True) for per_source in results]
+        targets = self.decoding(self.model, sources, self.num_beams, self.max_new_tokens)
+        return [tokenizer.decode(ids, skip_special_tokens=True) for ids in targets]
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
