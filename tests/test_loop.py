@@ -2,6 +2,7 @@
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tests.conftest import run_cli, tiny_args
+from xlab.callbacks import SaveOnInterrupt
 from xlab.errors import UserError
 from xlab.loop import LoopControl, MetricsCSV, Period, Periodic
 
@@ -257,6 +259,73 @@ def test_a_run_resumed_past_its_budget_trains_nothing(tmp_path: Path):
     control = LoopControl(stop_at="40 tokens", metrics_csv=False)
     trainer, recorder, _ = fit(control, root=tmp_path, ckpt_path=tmp_path / "last.ckpt")
     assert trainer.global_step == 6 and recorder.validated == []
+
+
+class SavedTokens(Callback):
+    """The ``tokens_seen`` of each checkpoint saved, with its step; after ``LoopControl`` among the callbacks."""
+
+    def __init__(self):
+        self.saved: list[tuple[int, int]] = []
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self.saved.append((checkpoint["global_step"], checkpoint["tokens_seen"]))
+
+
+class InterruptAt(Callback):
+    """Asks ``SaveOnInterrupt`` to stop, as a Ctrl-C would, once training reaches ``step``."""
+
+    def __init__(self, interrupt: SaveOnInterrupt, step: int):
+        self.interrupt, self.step = interrupt, step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            self.interrupt.requested = True
+
+
+class TokenLog(Logger):
+    """The ``train/tokens_seen`` values that reached the logger, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: list[float] = []
+
+    name = "tokens"
+    version = ""
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "train/tokens_seen" in metrics:
+            self.tokens.append(metrics["train/tokens_seen"])
+
+
+def test_checkpoints_hold_the_tokens_of_the_step_they_save(tmp_path: Path):
+    """Two batches a step; saved every two steps, then at the end of training by a Ctrl-C after step 5: each
+    checkpoint has the tokens of the batches up to its step, and logging reports the running count."""
+    control, saved, logger = LoopControl(checkpoint_every="2 steps", metrics_csv=False), SavedTokens(), TokenLog()
+    interrupt = SaveOnInterrupt()
+    trainer = Trainer(
+        max_steps=6,
+        accumulate_grad_batches=2,
+        callbacks=[control, saved, InterruptAt(interrupt, 5), interrupt],
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Toy())
+    assert interrupt.saved_to == tmp_path / "last.ckpt"
+    assert saved.saved == [(2, RUNNING_TOKENS[3]), (4, RUNNING_TOKENS[7]), (5, RUNNING_TOKENS[9])]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["tokens_seen"] == RUNNING_TOKENS[9]
+    assert logger.tokens == [RUNNING_TOKENS[2 * step + 1] for step in range(5)]
 
 
 def test_metrics_csv_has_one_row_per_step_and_continues_an_existing_file(tmp_path: Path):

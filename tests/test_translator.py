@@ -11,6 +11,7 @@ from xlab.callbacks import EngineDecoding
 from xlab.data.tokenizer import EOS_ID, PAD_ID
 from xlab.errors import UserError
 from xlab.generation import GenerationConfig, decode_sources
+from xlab.loop import count_batch
 from xlab.models.config import TransformerConfig
 from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder, copy_stacks_to_torch
 from xlab.models.metrics import corpus_scores
@@ -132,7 +133,7 @@ def test_training_loss_is_label_smoothed_cross_entropy_over_real_target_tokens()
     uniform = -log_probs.mean(-1)
     expected = (0.9 * nll + 0.1 * uniform).mean()
     torch.testing.assert_close(loss, expected)
-    assert translator.tokens_seen == 6
+    assert count_batch(translator.trainer, translator, batch).tokens == 6  # LoopControl's count of the step
 
 
 class IdsAsText:

@@ -9,19 +9,26 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from xlab.errors import UserError
 from xlab.generation import GenerationConfig, best_targets, generate
-from xlab.loop import Periodic, last_checkpoint_path
+from xlab.loop import LoopControl, Periodic, last_checkpoint_path
 
 
 class TokensPerSecond(Callback):
     """Logs ``train/tokens_per_sec``: tokens of all processes over the wall time of the last ``window`` steps.
 
-    Wall time between consecutive batch ends, so data loading counts and validation does not.
+    Wall time between consecutive batch ends, so data loading counts and validation does not. The tokens are
+    ``LoopControl``'s count, the exact sum over processes.
     """
 
     def __init__(self, window: int = 20):
         self.window: deque[tuple[int, float]] = deque(maxlen=window)
         self.last: float | None = None
+        self.tokens_at_last = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and LoopControl.of(trainer) is None:
+            raise UserError(f"{type(self).__name__} needs xlab.loop.LoopControl among the trainer's callbacks")
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.last = None
@@ -32,10 +39,10 @@ class TokensPerSecond(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        now = time.perf_counter()
+        now, tokens_seen = time.perf_counter(), LoopControl.of(trainer).progress.tokens
         if self.last is not None:
-            self.window.append((pl_module.tokens_in_batch(batch) * trainer.world_size, now - self.last))
-        self.last = now
+            self.window.append((tokens_seen - self.tokens_at_last, now - self.last))
+        self.last, self.tokens_at_last = now, tokens_seen
         if self.window:
             tokens, seconds = map(sum, zip(*self.window))
             pl_module.log("train/tokens_per_sec", tokens / seconds)

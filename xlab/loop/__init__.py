@@ -17,7 +17,16 @@ Periods and budgets are strings: ``"500 steps"``, ``"64k samples"``, ``"1M token
 """
 
 from xlab.loop.checkpoint_path import LAST_CHECKPOINT, last_checkpoint_path
-from xlab.loop.control import NEVER, RATE_WINDOW, LoopControl, Periodic, samples_in_batch, tokens_in_batch
+from xlab.loop.control import (
+    NEVER,
+    RATE_WINDOW,
+    BatchCounts,
+    LoopControl,
+    Periodic,
+    count_batch,
+    samples_in_batch,
+    tokens_in_batch,
+)
 from xlab.loop.metrics_csv import MetricsCSV
 from xlab.loop.periods import (
     PERIOD_HELP,
@@ -48,6 +57,7 @@ __all__ = [
     "RATE_WINDOW",
     "SCALES",
     "UNITS",
+    "BatchCounts",
     "LoopControl",
     "LoopFigures",
     "LoopRichProgressBar",
@@ -57,6 +67,7 @@ __all__ = [
     "Periodic",
     "Progress",
     "bad_period",
+    "count_batch",
     "format_duration",
     "last_checkpoint_path",
     "parse_optional",

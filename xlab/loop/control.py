@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -43,6 +43,23 @@ def samples_in_batch(batch: Any) -> int:
     return len(batch)
 
 
+class BatchCounts(NamedTuple):
+    """What one batch adds to ``Progress``, summed over processes."""
+
+    samples: int
+    tokens: int
+
+
+def count_batch(trainer: Trainer, pl_module: LightningModule, batch: Any) -> BatchCounts:
+    """The samples and tokens of ``batch`` summed exactly over processes (one all-reduce under DDP): each
+    process counts its own batch, whose tokens (a translator's unpadded targets) differ from the others'."""
+    counts = (samples_in_batch(batch), tokens_in_batch(pl_module, batch))
+    if trainer.world_size > 1:
+        summed = trainer.strategy.reduce(torch.tensor(counts, device=pl_module.device), reduce_op="sum")
+        counts = tuple(summed.tolist())
+    return BatchCounts(*counts)
+
+
 class Periodic(Callback):
     """A callback that acts every ``every`` (a period): ``LoopControl`` decides when, from the same counts as
     its own periods, and calls ``on_period`` after the optimizer step that completes one."""
@@ -71,6 +88,9 @@ class LoopControl(Callback):
             (count >= budget), validating first. ``trainer.max_steps`` still applies.
         metrics_csv: write every logged metric to ``metrics.csv`` in the run's log directory.
         progress_bar: show tokens per second, the time left and the running loss in Lightning's progress bar.
+
+    Its token count is the run's only one: it logs it as ``train/tokens_seen`` and writes it into every
+    checkpoint as ``tokens_seen``, as it was at the step saved.
 
     A step's periods are decided as it starts (so that Lightning's logging callbacks see the decision), from
     the counts as they will be when it ends; time is read as it starts. Budgets are checked as it ends.
@@ -148,7 +168,7 @@ class LoopControl(Callback):
         self._stop_if_spent(trainer, self.progress)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        samples, tokens = self._count(trainer, pl_module, batch)
+        samples, tokens = count_batch(trainer, pl_module, batch)
         self.progress.samples += samples
         self.progress.tokens += tokens
         self.due, self.due_callbacks = set(), []
@@ -159,13 +179,6 @@ class LoopControl(Callback):
             trainer.val_check_batch = 1 if "validate" in self.due else NEVER
         if self.log_every is not None:
             trainer.log_every_n_steps = 1 if "log" in self.due else NEVER
-
-    def _count(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> tuple[int, int]:
-        counts = (samples_in_batch(batch), tokens_in_batch(pl_module, batch))
-        if trainer.world_size > 1:
-            summed = trainer.strategy.reduce(torch.tensor(counts, device=pl_module.device), reduce_op="sum")
-            counts = tuple(summed.tolist())
-        return counts
 
     def _decide(self, trainer: Trainer) -> None:
         self.progress.steps = trainer.global_step + 1
@@ -189,6 +202,7 @@ class LoopControl(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        pl_module.log("train/tokens_seen", float(self.progress.tokens))
         if not self.stepping:
             return
         if "checkpoint" in self.due:
@@ -241,6 +255,10 @@ class LoopControl(Callback):
             if rate:
                 estimates.append(max(0.0, budget.amount - self.progress.get(budget.unit)) / rate)
         return min(estimates) if estimates else None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The training tokens at the saved step, at the top level, where exports read them."""
+        checkpoint["tokens_seen"] = self.decided.tokens
 
     def state_dict(self) -> dict[str, Any]:
         """The counts; when each period next fires follows from them (``Period.crossed``)."""

@@ -29,11 +29,9 @@ class LanguageModel(TrainingModule):
         stats = token_statistics(self(batch["input"]), batch["target"])
         tokens = stats["tokens"].clamp(min=1).float()
         loss = stats["loss_sum"] / tokens
-        self.tokens_seen += self.tokens_in_batch(batch) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", stats["correct"] / tokens)
         self.log("train/bits_per_byte", bits_per_byte(stats["loss_sum"].detach(), batch["target_bytes"].sum()))
-        self.log("train/tokens_seen", float(self.tokens_seen))
         return loss
 
     def tokens_in_batch(self, batch: dict[str, Tensor]) -> int:

@@ -1,4 +1,4 @@
-"""What every XLab LightningModule shares: AdamW and its schedule, tokens seen, clear weight mismatches."""
+"""What every XLab LightningModule shares: AdamW and its schedule, clear weight mismatches."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -34,12 +34,11 @@ class OptimizerConfig:
 
 
 class TrainingModule(LightningModule):
-    """The optimizer, schedule and checkpoint hooks of every model family; ``tokens_seen`` counts training tokens."""
+    """The optimizer, schedule and checkpoint hooks of every model family."""
 
     def __init__(self, optimizer: OptimizerConfig):
         super().__init__()
         self.optimizer_config = optimizer
-        self.tokens_seen = 0
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
@@ -78,9 +77,3 @@ class TrainingModule(LightningModule):
                 f"the checkpoint's weights do not fit the configured model ({detail}): "
                 "use the model and data settings it was trained with"
             ) from None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tokens_seen"] = self.tokens_seen
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = checkpoint.get("tokens_seen", 0)

@@ -77,10 +77,8 @@ class Translator(TrainingModule):
         )
         counted = batch["target"] != PAD_ID
         correct = (logits.detach().argmax(-1) == batch["target"]) & counted
-        self.tokens_seen += self.tokens_in_batch(batch) * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", correct.sum() / counted.sum().clamp(min=1))
-        self.log("train/tokens_seen", float(self.tokens_seen))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
