@@ -21,14 +21,13 @@ from tokenizers import Tokenizer
 from xlab.errors import UserError
 from xlab.files import atomic_path
 from xlab.models.config import TransformerConfig
-from xlab.models.decoder import Decoder
-from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
+from xlab.models.families import Family, family_of, resolve
+from xlab.models.network import Network
+from xlab.models.transforms import from_records, materialize, record
 
 EXPORT_FORMAT = "xlab-export/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIED_WEIGHT = "head.weight"
-NETWORKS = {network.__name__: network for network in (Decoder, EncoderDecoder, TorchEncoderDecoder)}
-Network = Decoder | EncoderDecoder
 
 
 @dataclass
@@ -36,7 +35,8 @@ class LoadedModel:
     """A model with its tokenizer and what is known of its training (step, tokens, metrics).
 
     ``tokenizer`` is the one the model writes with; a translator also has the ``source_tokenizer``
-    its encoder reads with (the same object when the two sides share one).
+    its encoder reads with (the same object when the two sides share one). Which ones a model
+    carries is its family's (``xlab.models.families``) ``tokenizers``.
     """
 
     model: Network
@@ -45,12 +45,16 @@ class LoadedModel:
     source_tokenizer: Tokenizer | None = None
 
     def __post_init__(self) -> None:
-        if self.is_translator and self.source_tokenizer is None:
+        if "source_tokenizer" in self.family.tokenizers and self.source_tokenizer is None:
             self.source_tokenizer = self.tokenizer
 
     @property
-    def is_translator(self) -> bool:
-        return isinstance(self.model, EncoderDecoder)
+    def family(self) -> Family:
+        return family_of(self.model)
+
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        """The family's tokenizers by their checkpoint key."""
+        return {key: getattr(self, key) for key in self.family.tokenizers}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -99,16 +103,20 @@ def _load_training_checkpoint(path: Path) -> LoadedModel:
         raise UserError(f"{path} is not an XLab model checkpoint: it has no architecture or tokenizer")
     prefix = "model."
     weights = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model = _build(path, TransformerConfig(**hparams["arch"]), weights, hparams.get("network", Decoder.__name__))
-    tokenizer, source = _tokenizers(data["tokenizer"], data.get("source_tokenizer"))
-    return LoadedModel(model, tokenizer, _training_progress(checkpoint), source)
+    model = _build(path, hparams, hparams["arch"], weights)
+    return _loaded(model, {key: data.get(key) for key in family_of(model).tokenizers}, _training_progress(checkpoint))
 
 
-def _tokenizers(target: str, source: str | None) -> tuple[Tokenizer, Tokenizer | None]:
-    tokenizer = Tokenizer.from_str(target)
-    if source is None:
-        return tokenizer, None
-    return tokenizer, tokenizer if source == target else Tokenizer.from_str(source)
+def _loaded(model: Network, tokenizers: dict[str, str | None], training: dict[str, Any]) -> LoadedModel:
+    """The model with its family's tokenizers, read from JSON; a missing one, or one equal to the first, is
+    the first (the same object, as a shared tokenizer is)."""
+    first, *others = tokenizers
+    primary = Tokenizer.from_str(tokenizers[first])
+    loaded = {first: primary}
+    for key in others:
+        text = tokenizers[key]
+        loaded[key] = primary if text is None or text == tokenizers[first] else Tokenizer.from_str(text)
+    return LoadedModel(model, training=training, **loaded)
 
 
 def _training_progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -119,10 +127,11 @@ def _training_progress(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return progress
 
 
-def _build(path: Path, config: TransformerConfig, weights: dict[str, torch.Tensor], network: str) -> Network:
-    if network not in NETWORKS:
-        raise UserError(f"{path} holds a {network}, which this XLab cannot build: update XLab")
-    model = NETWORKS[network](config)
+def _build(path: Path, record: dict[str, Any], arch: dict[str, Any], weights: dict[str, torch.Tensor]) -> Network:
+    """The network ``record`` (hyperparameters or export metadata) names, transforms applied, with ``weights``."""
+    family, implementation = resolve(record, str(path))
+    config = TransformerConfig(**arch)
+    model = family.build(config, implementation, from_records(record.get("transforms", []), str(path)))
     if config.tie_embeddings:
         weights = {name: tensor for name, tensor in weights.items() if name != TIED_WEIGHT}
     model.to(next(iter(weights.values())).dtype)
@@ -132,12 +141,15 @@ def _build(path: Path, config: TransformerConfig, weights: dict[str, torch.Tenso
     return model
 
 
-def architecture(path: str | Path) -> dict[str, Any] | None:
-    """The recorded architecture (TransformerConfig fields) of a checkpoint or export, None if it has none."""
+def recorded_network(path: str | Path) -> dict[str, Any] | None:
+    """The recorded ``arch`` (TransformerConfig fields) and ``transforms`` (``transforms.record``) of a checkpoint
+    or export, None if it records no architecture."""
     path = _existing(path)
     if is_export(path):
-        return json.loads(_export_metadata(path)["arch"])
-    return read_checkpoint(path).get("hyper_parameters", {}).get("arch")
+        metadata = _export_metadata(path)
+        return {"arch": json.loads(metadata["arch"]), "transforms": json.loads(metadata.get("transforms", "[]"))}
+    hparams = read_checkpoint(path).get("hyper_parameters", {})
+    return {"arch": hparams["arch"], "transforms": hparams.get("transforms", [])} if "arch" in hparams else None
 
 
 def _export_metadata(path: Path) -> dict[str, str]:
@@ -157,12 +169,13 @@ def _load_export(path: Path) -> LoadedModel:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError):
         raise UserError(f"{path} is not a readable export: it is truncated or corrupt") from None
-    network = metadata.get("network", Decoder.__name__)
-    model = _build(path, TransformerConfig(**json.loads(metadata["arch"])), weights, network)
-    target = _unpack_text(metadata["tokenizer_xz_base64"])
-    source = _unpack_text(metadata["source_tokenizer_xz_base64"]) if "source_tokenizer_xz_base64" in metadata else None
-    tokenizer, source_tokenizer = _tokenizers(target, source)
-    return LoadedModel(model, tokenizer, json.loads(metadata["training"]), source_tokenizer)
+    record = {**metadata, "transforms": json.loads(metadata.get("transforms", "[]"))}
+    model = _build(path, record, json.loads(metadata["arch"]), weights)
+    tokenizers = {
+        key: _unpack_text(metadata[f"{key}_xz_base64"]) if f"{key}_xz_base64" in metadata else None
+        for key in family_of(model).tokenizers
+    }
+    return _loaded(model, tokenizers, json.loads(metadata["training"]))
 
 
 def _pack_text(text: str) -> str:
@@ -174,28 +187,36 @@ def _unpack_text(packed: str) -> str:
     return lzma.decompress(base64.b64decode(packed)).decode()
 
 
-def export(source: str | Path, output: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
-    """Write the weights, architecture, tokenizer and training progress of ``source`` as one safetensors file.
+def export(
+    source: str | Path, output: str | Path, dtype: str = "fp32", force: bool = False, plain: bool = False
+) -> Path:
+    """Write the weights, architecture, transforms, tokenizers and training progress of ``source`` as one
+    safetensors file; ``plain`` materialises the transforms first, for a transform-free network.
 
     Written under a temporary name and renamed into place; an existing ``output`` is kept unless ``force``.
     """
     output = Path(output)
     check_output(output, force)
     loaded = load(source)
+    model = materialize(loaded.model) if plain else loaded.model
+    family = loaded.family
     tensors = {
         name: tensor.to(DTYPES[dtype]).contiguous()
-        for name, tensor in loaded.model.state_dict().items()
-        if not (loaded.model.config.tie_embeddings and name == TIED_WEIGHT)
+        for name, tensor in model.state_dict().items()
+        if not (model.config.tie_embeddings and name == TIED_WEIGHT)
     }
     metadata = {
         "format": EXPORT_FORMAT,
-        "network": type(loaded.model).__name__,
-        "arch": json.dumps(asdict(loaded.model.config)),
-        "tokenizer_xz_base64": _pack_text(loaded.tokenizer.to_str()),
+        "family": family.name,
+        "implementation": family.implementation(model),
+        "arch": json.dumps(asdict(model.config)),
+        "transforms": json.dumps(record(model.transforms)),
         "training": json.dumps(loaded.training),
     }
-    if loaded.source_tokenizer not in (None, loaded.tokenizer):
-        metadata["source_tokenizer_xz_base64"] = _pack_text(loaded.source_tokenizer.to_str())
+    tokenizers = loaded.tokenizers()
+    for key, tokenizer in tokenizers.items():
+        if key == family.tokenizers[0] or tokenizer is not tokenizers[family.tokenizers[0]]:
+            metadata[f"{key}_xz_base64"] = _pack_text(tokenizer.to_str())
     with atomic_path(output) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
     return output

@@ -4,6 +4,7 @@ import logging
 import re
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,23 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from xlab.callbacks import EngineDecoding, SaveOnInterrupt, TokensPerSecond
-from xlab.checkpoint import architecture, is_export, load
+from xlab.checkpoint import is_export, load, recorded_network
+from xlab.data.module import MODEL_SHAPES, XLabDataModule
 from xlab.errors import UserError
 from xlab.loop import LoopControl
+from xlab.models.transforms import as_config
 from xlab.predictions import WritePredictions
 from xlab.slurm import RequeueOnSignal, check_allocation, requeued_checkpoint
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "defaults.yaml"
 INTERRUPTED_EXIT_CODE = 130
-LINKED_ARCH_KEYS = ("vocab_size", "context_length")
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")  # names Lightning resolves itself
+
+
+def model_shape(key: str, data: XLabDataModule) -> int | None:
+    """One of the architecture's shapes as the data decides it (``XLabDataModule.model_shapes``)."""
+    return data.model_shapes()[key]
 
 
 class XLabTrainer(Trainer):
@@ -94,22 +101,25 @@ class XLabCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
-        for key in LINKED_ARCH_KEYS:
-            parser.link_arguments(f"data.{key}", f"model.init_args.arch.{key}", apply_on="instantiate")
+        for key in MODEL_SHAPES:
+            parser.link_arguments(
+                "data", f"model.init_args.arch.{key}", partial(model_shape, key), apply_on="instantiate"
+            )
 
     def _parse_ckpt_path(self) -> None:
-        """Rebuild the model from the checkpoint's architecture rather than the YAML's, except for the
-        shapes the data links in (they must agree anyway, and a link target cannot be set)."""
+        """Rebuild the model from the checkpoint's architecture and transforms rather than the YAML's, except
+        for the shapes the data links in (they must agree anyway, and a link target cannot be set)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path in (None, *NAMED_CHECKPOINTS):
             return
-        recorded = architecture(ckpt_path)
+        recorded = recorded_network(ckpt_path)
         if recorded is None:
             return
-        arch = {key: value for key, value in recorded.items() if key not in LINKED_ARCH_KEYS}
+        arch = {key: value for key, value in recorded["arch"].items() if key not in MODEL_SHAPES}
+        network = {"arch": arch, "transforms": as_config(recorded["transforms"])}
         class_path = self.config[subcommand].model.class_path
-        overrides = {subcommand: {"model": {"class_path": class_path, "init_args": {"arch": arch}}}}
+        overrides = {subcommand: {"model": {"class_path": class_path, "init_args": network}}}
         self.config = self.parser.parse_object(overrides, self.config)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from xlab.errors import UserError
 from xlab.files import atomic_directory
 from xlab.models.config import TransformerConfig
 from xlab.models.decoder import Decoder
+from xlab.models.families import family_of
+from xlab.models.transforms import materialize
 
 Weights = dict[str, Tensor]
 HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -60,7 +62,9 @@ def export_hf(source: str | Path, output: str | Path, dtype: str = "fp32", force
     source, output = Path(source), Path(output)
     check_output(output, force)
     _check_replaceable(source, output)
-    write_hf(load(source), output, dtype, name=str(source))
+    loaded = load(source)
+    materialize(loaded.model)  # transformers knows no XLab transforms: plain weights only
+    write_hf(loaded, output, dtype, name=str(source))
     return output
 
 
@@ -92,10 +96,10 @@ def convert(model: Decoder, name: str = "the model") -> tuple[dict[str, Any], We
 
     A UserError names the options that stop it mapping, for the nearest architecture first.
     """
-    if not isinstance(model, Decoder):
-        raise UserError(
-            f"{name} is an encoder-decoder translator; --format hf exports language models: use --format xlab"
-        )
+    family = family_of(model)
+    if "hf" not in family.export_formats:
+        formats = ", ".join(f"--format {f}" for f in family.export_formats)
+        raise UserError(f"{name} is a {family.name} ({model.label}), which has no Hugging Face format: use {formats}")
     mismatches = {architecture.label: architecture.mismatches(model.config) for architecture in ARCHITECTURES}
     for architecture in ARCHITECTURES:
         if not mismatches[architecture.label]:

@@ -130,7 +130,7 @@ class Runner:
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
-        self.translating = loaded.is_translator
+        self.translating = loaded.family.inference == "translate"
 
     def check(self, prompts: list[str]) -> None:
         """Raise the UserError for the first empty or over-long prompt, before any output."""

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exporter.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="precision of the stored weights")
     exporter.add_argument("--force", action="store_true", help="replace an existing output")
+    exporter.add_argument(
+        "--plain",
+        action="store_true",
+        help="fold the network's transforms (model.init_args.transforms) into plain weights: a transform-free model",
+    )
     inspector = commands.add_parser("inspect", help="architecture, parameters, tokenizer and training progress")
     inspector.add_argument("path", type=Path, help="training checkpoint or export")
     add_slurm_parser(commands)
@@ -91,21 +96,15 @@ def slurm_script(args: argparse.Namespace) -> str:
     return f"submitted batch job {job_id}: {path}; its output goes to {LOG_DIR}/{job.job_name}-{job_id}.out and .err"
 
 
-NETWORK_NAMES = {
-    "Decoder": "decoder",
-    "EncoderDecoder": "encoder-decoder",
-    "TorchEncoderDecoder": "encoder-decoder (torch.nn.Transformer)",
-}
 STACKS = ("blocks.", "encoder.", "decoder.")
 
 
 def describe(path: Path, loaded: LoadedModel) -> str:
     model, config = loaded.model, loaded.model.config
     kind = "export" if is_export(path) else "training checkpoint"
-    network = NETWORK_NAMES[type(model).__name__]
     lines = [
         f"file        {path} ({path.stat().st_size / 2**20:.1f} MiB, {kind})",
-        f"model       {network}: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads "
+        f"model       {model.label}: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads "
         f"({config.n_kv_heads} key/value), d_ff {config.d_ff}, {config.activation}, {config.norm} "
         f"({config.norm_placement}-norm), {config.positions} positions, context {config.context_length} "
         f"of {config.max_positions}, vocab {config.vocab_size}, bias {config.bias}, tied {config.tie_embeddings}",
@@ -116,6 +115,8 @@ def describe(path: Path, loaded: LoadedModel) -> str:
     for name, parameter in model.named_parameters():
         by_module[".".join(name.split(".")[:2]) if name.startswith(STACKS) else name.split(".")[0]] += parameter.numel()
     lines += [f"  {name:<12}{count:>14,}" for name, count in by_module.items()]
+    if model.transforms:
+        lines.append("transforms  " + ", ".join(map(repr, model.transforms)))
     specials = sum(token.special for token in loaded.tokenizer.get_added_tokens_decoder().values())
     lines.append(f"tokenizer   {loaded.tokenizer.get_vocab_size():,} tokens ({specials} special)")
     if loaded.source_tokenizer not in (None, loaded.tokenizer):
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {output}/ ({size / 2**20:.1f} MiB): AutoModelForCausalLM.from_pretrained({str(output)!r})")
         elif args.command == "export-checkpoint":
             output = args.output or args.checkpoint.with_suffix(".safetensors")
-            export(args.checkpoint, output, args.dtype, args.force)
+            export(args.checkpoint, output, args.dtype, args.force, plain=args.plain)
             print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
         elif args.command == "slurm-script":
             print(slurm_script(args))

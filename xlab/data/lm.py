@@ -1,5 +1,6 @@
 """The language-model DataModule: documents in, packed token sequences out, everything cached on disk."""
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,22 +66,38 @@ class LMDataModule(XLabDataModule):
     def tokenizers(self) -> dict[str, Tokenizer]:
         return {"tokenizer": self.tokenizer} if self.tokenizer else {}
 
+    def model_shapes(self) -> dict[str, int | None]:
+        """The trained tokenizer's vocabulary (at most ``vocab_size``) and the context length."""
+        self.prepare_tokenizer()
+        size = load_tokenizer(self.tokenizer_path).get_vocab_size()
+        return {"vocab_size": size, "source_vocab_size": None, "context_length": self.context_length}
+
+    def prepare_tokenizer(self) -> None:
+        """Train the tokenizer on the train split unless the cache has it."""
+        if not self.tokenizer_path.exists():
+            documents, indices = self._documents
+            self._train_tokenizer(documents.select(indices["train"]))
+
     def prepare_data(self) -> None:
         """Load, split, train the tokenizer and encode every split, unless the cache already has them."""
         if self.tokenizer_path.exists() and (self.tokens_dir() / "stats.json").exists():
             return
-        documents = self.source.load()
-        if len(documents) == 0:
-            raise UserError(f"the data source {type(self.source).__name__} has no documents: point it at some text")
-        indices = split_indices(len(documents), self.splits, self.seed)
-        if not self.tokenizer_path.exists():
-            self._train_tokenizer(documents.select(indices["train"]))
+        self.prepare_tokenizer()
+        documents, indices = self._documents
         tokenizer = load_tokenizer(self.tokenizer_path)
         stats = {}
         for split in SPLITS:
             encoded = encode_documents(documents.select(indices[split]), tokenizer, self.num_proc)
             stats[split] = write_packed(encoded, self.tokens_dir() / f"{split}.npy", self.vocab_size)
         write_json_atomic(self.tokens_dir() / "stats.json", stats)
+
+    @functools.cached_property
+    def _documents(self) -> tuple[datasets.Dataset, dict[str, np.ndarray]]:
+        """The source's documents and each split's indices; loaded once per DataModule."""
+        documents = self.source.load()
+        if len(documents) == 0:
+            raise UserError(f"the data source {type(self.source).__name__} has no documents: point it at some text")
+        return documents, split_indices(len(documents), self.splits, self.seed)
 
     def _train_tokenizer(self, train: datasets.Dataset) -> None:
         if len(train) == 0:

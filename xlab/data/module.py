@@ -17,6 +17,8 @@ from xlab.data.splits import SplitFractions
 from xlab.errors import UserError
 
 SPLITS = tuple(asdict(SplitFractions()))
+# What the data decides of a model's architecture (TransformerConfig fields); None: as the model's default.
+MODEL_SHAPES = ("vocab_size", "source_vocab_size", "context_length")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
@@ -57,6 +59,11 @@ class XLabDataModule(LightningDataModule):
     def tokenizers(self) -> dict[str, Tokenizer]:
         """The loaded tokenizers by checkpoint key (``tokenizer`` is the one the model writes with)."""
         return {}
+
+    def model_shapes(self) -> dict[str, int | None]:
+        """The shapes the model must have for this data (``MODEL_SHAPES``), from the trained tokenizers (trained
+        here if the cache lacks them): the CLI links them into ``model.init_args.arch``."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, str]:
         """Lightning stores this in every checkpoint, so the weights never travel without their tokenizers."""

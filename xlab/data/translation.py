@@ -1,10 +1,12 @@
 """The translation DataModule: sentence pairs in, per-batch padded source and target tensors out, cached on disk."""
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import numpy as np
 import torch
 from jsonargparse import lazy_instance
 from tokenizers import Tokenizer
@@ -83,16 +85,25 @@ class TranslationDataModule(XLabDataModule):
             return {}
         return {"tokenizer": self.tokenizer, "source_tokenizer": self.source_tokenizer}
 
+    def model_shapes(self) -> dict[str, int | None]:
+        """Each side's trained vocabulary (the source's None when the sides share one) and the context length."""
+        self._train_tokenizers()
+        paths = self.tokenizer_paths()
+        source, target = (load_tokenizer(paths[side]).get_vocab_size() for side in (SOURCE, TARGET))
+        shared = paths[SOURCE] == paths[TARGET]
+        return {
+            "vocab_size": target,
+            "source_vocab_size": None if shared else source,
+            "context_length": self.context_length,
+        }
+
     def prepare_data(self) -> None:
         """Load, split, train the tokenizers and encode every split, unless the cache already has them."""
         paths = self.tokenizer_paths()
         if all(p.exists() for p in paths.values()) and (self.tokens_dir() / "stats.json").exists():
             return
-        pairs = self.source.load()
-        if len(pairs) == 0:
-            raise UserError(f"the data source {type(self.source).__name__} has no sentence pairs: point it at some")
-        indices = split_indices(len(pairs), self.splits, self.seed)
-        self._train_tokenizers(pairs.select(indices["train"]))
+        self._train_tokenizers()
+        pairs, indices = self._pairs
         source_tokenizer, target_tokenizer = (load_tokenizer(paths[side]) for side in (SOURCE, TARGET))
         stats = {}
         for split in SPLITS:
@@ -108,14 +119,25 @@ class TranslationDataModule(XLabDataModule):
                 encoded.save_to_disk(str(directory))
         write_json_atomic(self.tokens_dir() / "stats.json", stats)
 
-    def _train_tokenizers(self, train: datasets.Dataset) -> None:
-        if len(train) == 0:
-            raise UserError("the train split is empty: add sentence pairs or raise data.splits.train")
+    @functools.cached_property
+    def _pairs(self) -> tuple[datasets.Dataset, dict[str, np.ndarray]]:
+        """The source's pairs and each split's indices; loaded once per DataModule."""
+        pairs = self.source.load()
+        if len(pairs) == 0:
+            raise UserError(f"the data source {type(self.source).__name__} has no sentence pairs: point it at some")
+        return pairs, split_indices(len(pairs), self.splits, self.seed)
+
+    def _train_tokenizers(self) -> None:
+        """Train each side's tokenizer on the train split, unless the cache has it."""
         paths = self.tokenizer_paths()
         sides = {SOURCE: [SOURCE, TARGET], TARGET: [TARGET]} if self.shared_tokenizer else {s: [s] for s in paths}
         for side, columns in sides.items():
             if paths[side].exists():
                 continue
+            pairs, indices = self._pairs
+            train = pairs.select(indices["train"])
+            if len(train) == 0:
+                raise UserError("the train split is empty: add sentence pairs or raise data.splits.train")
             texts = (batch[column] for batch in train.iter(batch_size=ENCODE_BATCH) for column in columns)
             save_tokenizer(train_tokenizer(texts, self.vocab_size), paths[side])
 

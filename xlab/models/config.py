@@ -17,9 +17,9 @@ class TransformerConfig:
 
     ``vocab_size`` (the vocabulary the model writes in), ``source_vocab_size`` (the one an
     encoder reads, when it has its own tokenizer; None: ``vocab_size``) and ``context_length``
-    are decided by the data and linked in by the CLI; the rest is chosen in YAML. ``max_positions`` is how many positions the model
-    supports (default: ``context_length``), so a model can be trained on shorter
-    sequences than it will later see.
+    are decided by the data and linked in by the CLI; the rest is chosen in YAML.
+    ``max_positions`` is how many positions the model supports (default: ``context_length``),
+    so a model can be trained on shorter sequences than it will later see.
     """
 
     vocab_size: int = 0

@@ -12,6 +12,8 @@ from xlab.models.network import Network
 class Decoder(Network):
     """Token embedding, positions, a stack of causal blocks and a language-model head."""
 
+    label = "decoder"
+
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)

@@ -24,6 +24,8 @@ class EncoderDecoder(Network):
     source vocabulary is ``source_vocab_size`` (default: ``vocab_size``, one shared tokenizer).
     """
 
+    label = "encoder-decoder"
+
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
         self.source_embed = nn.Embedding(config.source_vocab_size or config.vocab_size, config.d_model)
@@ -101,6 +103,7 @@ class TorchEncoderDecoder(EncoderDecoder):
     It has no KV cache, so decoding re-runs the decoder over the whole prefix at every step.
     """
 
+    label = "encoder-decoder (torch.nn.Transformer)"
     supports_cache = False
 
     @classmethod

@@ -1,13 +1,14 @@
 """The language-model LightningModule: next-token loss and metrics (optimizer and schedule: training.py)."""
 
-from dataclasses import asdict
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from xlab.models.config import TransformerConfig
-from xlab.models.decoder import Decoder
-from xlab.models.metrics import LMMetrics, bits_per_byte, token_statistics
+from xlab.models.losses import next_token_loss
+from xlab.models.metrics import LMMetrics, bits_per_byte, token_accuracy, token_statistics
 from xlab.models.training import OptimizerConfig, TrainingModule
+from xlab.models.transforms import Transform
 
 __all__ = ["LanguageModel", "OptimizerConfig"]
 
@@ -15,23 +16,27 @@ __all__ = ["LanguageModel", "OptimizerConfig"]
 class LanguageModel(TrainingModule):
     """A decoder-only transformer trained to predict the next token."""
 
-    def __init__(self, arch: TransformerConfig, optimizer: OptimizerConfig = OptimizerConfig()):
-        super().__init__(optimizer)
-        self.save_hyperparameters({"arch": asdict(arch), "optimizer": asdict(optimizer)})
-        self.arch = arch
-        self.model = Decoder(arch)
+    family = "lm"
+
+    def __init__(
+        self,
+        arch: TransformerConfig,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        transforms: Sequence[Transform] = (),
+    ):
+        super().__init__(arch, optimizer, transforms)
         self.metrics = nn.ModuleDict({stage: LMMetrics() for stage in ("val", "test")})
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        stats = token_statistics(self(batch["input"]), batch["target"])
-        tokens = stats["tokens"].clamp(min=1).float()
-        loss = stats["loss_sum"] / tokens
+        logits = self(batch["input"])
+        loss = next_token_loss(logits, batch["target"])
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", stats["correct"] / tokens)
-        self.log("train/bits_per_byte", bits_per_byte(stats["loss_sum"].detach(), batch["target_bytes"].sum()))
+        self.log("train/accuracy", token_accuracy(logits, batch["target"]))
+        loss_sum = loss.detach() * batch["target"].numel()
+        self.log("train/bits_per_byte", bits_per_byte(loss_sum, batch["target_bytes"].sum()))
         return loss
 
     def tokens_in_batch(self, batch: dict[str, Tensor]) -> int:

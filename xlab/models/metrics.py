@@ -20,6 +20,13 @@ def token_statistics(logits: Tensor, targets: Tensor, ignore_index: int = -100) 
     return {"loss_sum": loss_sum, "correct": correct, "tokens": counted.sum()}
 
 
+def token_accuracy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """The share of counted targets that are the most likely token."""
+    counted = targets != ignore_index
+    correct = (logits.detach().argmax(-1) == targets) & counted
+    return correct.sum() / counted.sum().clamp(min=1)
+
+
 def bits_per_byte(loss_sum: Tensor, num_bytes: Tensor) -> Tensor:
     """Total nats over the bytes the targets stand for, in bits: comparable across tokenizers."""
     return loss_sum / math.log(2) / num_bytes.clamp(min=1)

@@ -29,6 +29,7 @@ class Network(nn.Module):
     ``init_head``; ``transforms`` lists what ``build_network`` applied.
     """
 
+    label: str  # what ``manage.py inspect`` calls it
     supports_cache = True
     embed: nn.Embedding
     head: nn.Linear

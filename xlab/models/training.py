@@ -1,7 +1,9 @@
-"""What every XLab LightningModule shares: AdamW and its schedule, clear weight mismatches."""
+"""What every XLab LightningModule shares: its network built through the family registry, AdamW and its
+schedule, clear weight mismatches."""
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
@@ -9,7 +11,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from xlab.errors import UserError
+from xlab.models.config import TransformerConfig
+from xlab.models.families import DEFAULT_IMPLEMENTATION, FAMILIES
 from xlab.models.schedule import WarmupCosine
+from xlab.models.transforms import Transform, record
 
 
 @dataclass
@@ -34,21 +39,40 @@ class OptimizerConfig:
 
 
 class TrainingModule(LightningModule):
-    """The optimizer, schedule and checkpoint hooks of every model family."""
+    """The network, optimizer, schedule and checkpoint hooks of every model family.
 
-    def __init__(self, optimizer: OptimizerConfig):
+    ``family`` names the subclass's entry in ``xlab.models.families``; the network is built
+    there, with ``transforms`` applied, and the hyperparameters record all a loader needs to
+    build it again (family, implementation, architecture, transforms).
+    """
+
+    family: ClassVar[str]
+
+    def __init__(
+        self,
+        arch: TransformerConfig,
+        optimizer: OptimizerConfig,
+        transforms: Sequence[Transform] = (),
+        implementation: str = DEFAULT_IMPLEMENTATION,
+    ):
         super().__init__()
+        self.save_hyperparameters(
+            {
+                "family": self.family,
+                "implementation": implementation,
+                "arch": asdict(arch),
+                "transforms": record(transforms),
+                "optimizer": asdict(optimizer),
+            }
+        )
+        self.arch = arch
         self.optimizer_config = optimizer
+        self.model = FAMILIES[self.family].build(arch, implementation, transforms)
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.weight_decay, "name": "matrices"},
-                {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"},
-            ],
+            self.parameter_groups(),
             lr=config.lr,
             betas=config.betas,
             eps=config.eps,
@@ -62,6 +86,18 @@ class TrainingModule(LightningModule):
         schedule = WarmupCosine(config.warmup_steps, int(decay_steps), config.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices only; parameters a transform claims go in the groups it gives them."""
+        claimed = [group for transform in self.model.transforms for group in transform.parameter_groups(self.model)]
+        owned = {id(parameter) for group in claimed for parameter in group["params"]}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in owned]
+        decay = self.optimizer_config.weight_decay
+        return [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": decay, "name": "matrices"},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "norms_biases"},
+            *claimed,
+        ]
 
     def _fused_optimizer_allowed(self) -> bool:
         """The fused AdamW kernel (about 3x faster steps) unless Lightning's mixed-precision plugin is in use:

@@ -75,6 +75,15 @@ def from_records(records: Sequence[dict[str, Any]], origin: str = "the model") -
     return transforms
 
 
+def as_config(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recorded transforms as the CLI's YAML names them: ``class_path`` and ``init_args``."""
+    classes = [from_records([entry])[0].__class__ for entry in records]
+    return [
+        {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": entry["settings"]}
+        for cls, entry in zip(classes, records, strict=True)
+    ]
+
+
 def apply_transforms(network: nn.Module, transforms: Sequence[Transform]) -> None:
     """Apply ``transforms`` in order and note them on ``network.transforms``."""
     for transform in transforms:

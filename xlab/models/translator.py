@@ -1,7 +1,6 @@
 """The translation LightningModule: label-smoothed loss, token metrics, and decoded exact match, BLEU and chrF."""
 
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch.distributed as dist
@@ -10,11 +9,10 @@ from torch import Tensor, nn
 from xlab.data.tokenizer import PAD_ID
 from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
-from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
-from xlab.models.metrics import LMMetrics, corpus_scores, token_statistics
+from xlab.models.losses import seq2seq_loss
+from xlab.models.metrics import LMMetrics, corpus_scores, token_accuracy, token_statistics
 from xlab.models.training import OptimizerConfig, TrainingModule
-
-IMPLEMENTATIONS = {"xlab": EncoderDecoder, "torch": TorchEncoderDecoder}
+from xlab.models.transforms import Transform
 
 Decode = Callable[[nn.Module, list[list[int]], int, int], list[list[int]]]
 """How a Translator decodes: (network, source token ids, num_beams, max_new_tokens) -> best target ids per source."""
@@ -31,24 +29,22 @@ class Translator(TrainingModule):
     models do not import the engine, which decodes them through its Protocols.
     """
 
+    family = "translator"
+
     def __init__(
         self,
         arch: TransformerConfig,
         optimizer: OptimizerConfig = OptimizerConfig(),
         implementation: Literal["xlab", "torch"] = "xlab",
+        transforms: Sequence[Transform] = (),
         label_smoothing: float = 0.1,
         num_beams: int = 1,
         max_new_tokens: int = 64,
         examples: int = 5,
     ):
-        super().__init__(optimizer)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters(
-            {"arch": asdict(arch), "optimizer": asdict(optimizer), "network": IMPLEMENTATIONS[implementation].__name__}
-        )
-        self.arch = arch
-        self.model = IMPLEMENTATIONS[implementation](arch)
+        super().__init__(arch, optimizer, transforms, implementation)
         self.label_smoothing = label_smoothing
         for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
             if value < 1:
@@ -69,16 +65,9 @@ class Translator(TrainingModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch)
-        loss = nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(),
-            batch["target"].flatten(),
-            ignore_index=PAD_ID,
-            label_smoothing=self.label_smoothing,
-        )
-        counted = batch["target"] != PAD_ID
-        correct = (logits.detach().argmax(-1) == batch["target"]) & counted
+        loss = seq2seq_loss(logits, batch["target"], self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", correct.sum() / counted.sum().clamp(min=1))
+        self.log("train/accuracy", token_accuracy(logits, batch["target"], ignore_index=PAD_ID))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
