@@ -32,6 +32,7 @@ from xlab.data.tokenizer import EOS_ID, train_tokenizer  # noqa: E402
 from xlab.generation import GenerationConfig, beam_search, sample  # noqa: E402
 from xlab.hf import write_hf  # noqa: E402
 from xlab.models.decoder import Decoder  # noqa: E402
+from xlab.models.network import build_network  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,7 +52,7 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[Decode
 
     torch.manual_seed(0)
     config = model_config(args)
-    model = Decoder(config).eval()
+    model = build_network(Decoder, config).eval()
     tokenizer = train_tokenizer(["a small corpus for a tokenizer the export needs"], vocab_size=300)
     with tempfile.TemporaryDirectory() as directory:
         write_hf(LoadedModel(model, tokenizer), Path(directory) / "hf")

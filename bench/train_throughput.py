@@ -27,7 +27,6 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +35,7 @@ from common import add_model_arguments, model_config, synchronize, transformers_
 
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.lm import LanguageModel, OptimizerConfig  # noqa: E402
+from xlab.models.losses import next_token_loss  # noqa: E402
 
 Step = Callable[[], None]
 REFERENCE = "transformers GPT-2"
@@ -102,7 +102,7 @@ def training_step(
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             logits = logits_of(inputs)
-        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+        next_token_loss(logits, targets).backward()
         optimizer.step()
 
     return step

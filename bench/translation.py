@@ -29,6 +29,7 @@ import argparse
 import random
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
@@ -37,19 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import OtherLoad, add_model_arguments, model_config, pick_device, time_call  # noqa: E402
 
-from xlab.data.pairs import SOURCE, TARGET, NumberPhrases  # noqa: E402
-from xlab.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer  # noqa: E402
-from xlab.data.translation import collate_pairs  # noqa: E402
+from xlab.data.pairs import NumberPhrases  # noqa: E402
+from xlab.data.tokenizer import EOS_ID  # noqa: E402
+from xlab.data.translation import TranslationDataModule, collate_pairs  # noqa: E402
 from xlab.generation import GenerationConfig, decode_sources  # noqa: E402
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder  # noqa: E402
+from xlab.models.losses import seq2seq_loss  # noqa: E402
 from xlab.models.training import OptimizerConfig  # noqa: E402
 from xlab.models.translator import Translator  # noqa: E402
 
@@ -91,26 +92,21 @@ def translation_config(args: argparse.Namespace) -> TransformerConfig:
 # Data: real number-phrase pairs, encoded as TranslationDataModule encodes them
 
 
-def number_phrase_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``--pairs`` English-Italian pairs, shuffled, with source ids + EOS and BOS + target ids + EOS."""
-    pairs = NumberPhrases(source_lang="en", target_lang="it", size=args.pairs).load()
-    tokenizer = train_tokenizer((text for column in (SOURCE, TARGET) for text in pairs[column]), args.vocab)
-    sources, targets = (tokenizer.encode_batch(pairs[column]) for column in (SOURCE, TARGET))
-    items = [
-        {
-            "source_ids": source.ids + [EOS_ID],
-            "target_ids": [BOS_ID] + target.ids + [EOS_ID],
-            "source_text": source_text,
-            "reference": target_text,
-        }
-        for source, target, source_text, target_text in zip(sources, targets, pairs[SOURCE], pairs[TARGET])
-        if max(len(source.ids), len(target.ids)) < args.context
-    ]
+def number_phrase_pairs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, int | None]]:
+    """The train split of ``--pairs`` English-Italian pairs as the experiment's TranslationDataModule encodes
+    them (source ids + EOS, BOS + target ids + EOS), shuffled; and the model shapes that data gives."""
+    source = NumberPhrases(source_lang="en", target_lang="it", size=args.pairs)
+    with tempfile.TemporaryDirectory() as cache:
+        data = TranslationDataModule(source, context_length=args.context, vocab_size=args.vocab, cache_dir=cache)
+        data.prepare_data()
+        data.setup("fit")
+        items = list(data.datasets["train"])
+        shapes = data.model_shapes()
     random.Random(0).shuffle(items)
     needed = args.steps * args.batch + args.sources
     if len(items) < needed:
         sys.exit(f"error: {len(items)} usable pairs, {needed} needed: raise --pairs")
-    return items
+    return items, shapes
 
 
 def training_batches(items: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -165,12 +161,7 @@ def trainer(module: Translator, autocast: Callable[[], AbstractContextManager]) 
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 logits = model(batch["source"], batch["target_input"], batch["source_padding"], batch["target_padding"])
-            F.cross_entropy(
-                logits.flatten(0, 1).float(),
-                batch["target"].flatten(),
-                ignore_index=PAD_ID,
-                label_smoothing=LABEL_SMOOTHING,
-            ).backward()
+            seq2seq_loss(logits, batch["target"], LABEL_SMOOTHING).backward()
             optimizer.step()
 
     return train
@@ -261,8 +252,8 @@ def main() -> int:
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = translation_config(args)
-    items = number_phrase_pairs(args)
+    items, shapes = number_phrase_pairs(args)
+    config = replace(translation_config(args), **shapes)
     batches = training_batches(items, args, device)
     sources = [item["source_ids"] for item in items[args.steps * args.batch :][: args.sources]]
     models = build_models(config, device)
@@ -278,12 +269,12 @@ def main() -> int:
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print(
         f"model: {args.layers}+{args.layers} layers, d_model {args.d_model}, {args.heads} heads, d_ff {config.d_ff}, "
-        f"{args.activation}, {args.norm_placement}-norm, sinusoidal positions, vocab {args.vocab}, "
+        f"{args.activation}, {args.norm_placement}-norm, sinusoidal positions, vocab {config.vocab_size}, "
         f"{sum(p.numel() for p in models[XLAB].model.parameters()):,} parameters in both (same weights, "
         "logits checked equal)"
     )
     print(
-        f"data: NumberPhrases en->it ({len(items):,} pairs), BPE {args.vocab}; on average "
+        f"data: NumberPhrases en->it ({len(items):,} train pairs), BPE {config.vocab_size}; on average "
         f"{statistics.fmean(len(i['source_ids']) for i in trained):.1f} source and "
         f"{statistics.fmean(len(i['target_ids']) - 1 for i in trained):.1f} target tokens a pair, EOS included"
     )
