@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from xlab.data.encoding import encode_documents, write_packed
 from xlab.data.loading import PackedSequences
-from xlab.data.module import SPLITS, STAGE_SPLITS, XLabDataModule, digest
+from xlab.data.module import SPLITS, STAGE_SPLITS, XLabDataModule, digest, one_at_a_time
 from xlab.data.sources import TEXT, PythonDocs, TextSource
 from xlab.data.splits import SplitFractions, split_indices
 from xlab.data.tokenizer import check_vocab_size, load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
@@ -74,9 +74,10 @@ class LMDataModule(XLabDataModule):
 
     def prepare_tokenizer(self) -> None:
         """Train the tokenizer on the train split unless the cache has it."""
-        if not self.tokenizer_path.exists():
-            documents, indices = self._documents
-            self._train_tokenizer(documents.select(indices["train"]))
+        with one_at_a_time(self.tokenizer_path):
+            if not self.tokenizer_path.exists():
+                documents, indices = self._documents
+                self._train_tokenizer(documents.select(indices["train"]))
 
     def prepare_data(self) -> None:
         """Load, split, train the tokenizer and encode every split, unless the cache already has them."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from lightning.pytorch import LightningDataModule
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
@@ -20,6 +21,13 @@ SPLITS = tuple(asdict(SplitFractions()))
 # What the data decides of a model's architecture (TransformerConfig fields); None: as the model's default.
 MODEL_SHAPES = ("vocab_size", "source_vocab_size", "context_length")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+def one_at_a_time(path: Path) -> FileLock:
+    """A lock beside ``path``: the processes that start together (DDP ranks, SLURM tasks) each need a cache
+    entry such as a tokenizer before training; the first writes it while the others wait, then reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.with_name(path.name + ".lock"))
 
 
 def digest(value: object) -> str:

@@ -12,7 +12,7 @@ from jsonargparse import lazy_instance
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from xlab.data.module import SPLITS, STAGE_SPLITS, XLabDataModule, digest
+from xlab.data.module import SPLITS, STAGE_SPLITS, XLabDataModule, digest, one_at_a_time
 from xlab.data.pairs import SOURCE, TARGET, NumberPhrases, PairSource
 from xlab.data.splits import SplitFractions, split_indices
 from xlab.data.tokenizer import (
@@ -132,14 +132,17 @@ class TranslationDataModule(XLabDataModule):
         paths = self.tokenizer_paths()
         sides = {SOURCE: [SOURCE, TARGET], TARGET: [TARGET]} if self.shared_tokenizer else {s: [s] for s in paths}
         for side, columns in sides.items():
-            if paths[side].exists():
-                continue
-            pairs, indices = self._pairs
-            train = pairs.select(indices["train"])
-            if len(train) == 0:
-                raise UserError("the train split is empty: add sentence pairs or raise data.splits.train")
-            texts = (batch[column] for batch in train.iter(batch_size=ENCODE_BATCH) for column in columns)
-            save_tokenizer(train_tokenizer(texts, self.vocab_size), paths[side])
+            with one_at_a_time(paths[side]):
+                if not paths[side].exists():
+                    self._train_tokenizer(columns, paths[side])
+
+    def _train_tokenizer(self, columns: list[str], path: Path) -> None:
+        pairs, indices = self._pairs
+        train = pairs.select(indices["train"])
+        if len(train) == 0:
+            raise UserError("the train split is empty: add sentence pairs or raise data.splits.train")
+        texts = (batch[column] for batch in train.iter(batch_size=ENCODE_BATCH) for column in columns)
+        save_tokenizer(train_tokenizer(texts, self.vocab_size), path)
 
     def _encode(self, pairs: datasets.Dataset, source: Tokenizer, target: Tokenizer) -> datasets.Dataset:
         limit, truncate = self.context_length, self.overlong == "truncate"
