@@ -1,6 +1,5 @@
 """The language-model DataModule: documents in, packed token sequences out, everything cached on disk."""
 
-import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from xlab.data.encoding import encode_documents, write_packed
 from xlab.data.loading import PackedSequences
 from xlab.data.module import SPLITS, STAGE_SPLITS, XLabDataModule, digest, one_at_a_time
 from xlab.data.sources import TEXT, PythonDocs, TextSource
-from xlab.data.splits import SplitFractions, split_indices
+from xlab.data.splits import SplitFractions
 from xlab.data.tokenizer import check_vocab_size, load_tokenizer, save_tokenizer, token_byte_lengths, train_tokenizer
 from xlab.errors import UserError
 from xlab.files import write_json_atomic
@@ -27,6 +26,8 @@ class LMDataModule(XLabDataModule):
     The cache under ``cache_dir`` is keyed by source, split and tokenizer, so a second run
     (or another rank) reuses it without touching the source.
     """
+
+    records = "documents"
 
     def __init__(
         self,
@@ -42,11 +43,10 @@ class LMDataModule(XLabDataModule):
         tokenizer_max_documents: int | None = None,
         cache_dir: str = "cache",
     ):
-        super().__init__(source.cache_key(), splits, seed, batch_size, num_workers, cache_dir)
+        super().__init__(source, splits, seed, batch_size, num_workers, cache_dir)
         check_vocab_size(vocab_size, special_tokens)
         if context_length < 1:
             raise UserError("data.context_length must be at least 1")
-        self.source = source
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.special_tokens = tuple(special_tokens)
@@ -76,7 +76,7 @@ class LMDataModule(XLabDataModule):
         """Train the tokenizer on the train split unless the cache has it."""
         with one_at_a_time(self.tokenizer_path):
             if not self.tokenizer_path.exists():
-                documents, indices = self._documents
+                documents, indices = self.split_source
                 self._train_tokenizer(documents.select(indices["train"]))
 
     def prepare_data(self) -> None:
@@ -84,21 +84,13 @@ class LMDataModule(XLabDataModule):
         if self.tokenizer_path.exists() and (self.tokens_dir() / "stats.json").exists():
             return
         self.prepare_tokenizer()
-        documents, indices = self._documents
+        documents, indices = self.split_source
         tokenizer = load_tokenizer(self.tokenizer_path)
         stats = {}
         for split in SPLITS:
             encoded = encode_documents(documents.select(indices[split]), tokenizer, self.num_proc)
             stats[split] = write_packed(encoded, self.tokens_dir() / f"{split}.npy", self.vocab_size)
         write_json_atomic(self.tokens_dir() / "stats.json", stats)
-
-    @functools.cached_property
-    def _documents(self) -> tuple[datasets.Dataset, dict[str, np.ndarray]]:
-        """The source's documents and each split's indices; loaded once per DataModule."""
-        documents = self.source.load()
-        if len(documents) == 0:
-            raise UserError(f"the data source {type(self.source).__name__} has no documents: point it at some text")
-        return documents, split_indices(len(documents), self.splits, self.seed)
 
     def _train_tokenizer(self, train: datasets.Dataset) -> None:
         if len(train) == 0:

@@ -1,12 +1,15 @@
 """What every XLab DataModule shares: the cache layout, tokenizers in checkpoints, and the data loaders."""
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
+import datasets
+import numpy as np
 import torch
 from filelock import FileLock
 from lightning.pytorch import LightningDataModule
@@ -14,12 +17,22 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from xlab.data.loading import ResumableLoader, ResumableSampler, ShardSampler
-from xlab.data.splits import SplitFractions
+from xlab.data.splits import SplitFractions, split_indices
 from xlab.errors import UserError
 
 SPLITS = tuple(asdict(SplitFractions()))
 # What the data decides of a model's architecture (TransformerConfig fields); None: as the model's default.
 MODEL_SHAPES = ("vocab_size", "source_vocab_size", "context_length")
+
+
+class Source(Protocol):
+    """Where a DataModule's records come from (``xlab.data.sources``, ``xlab.data.pairs``)."""
+
+    def cache_key(self) -> str: ...
+
+    def load(self) -> datasets.Dataset: ...
+
+
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
@@ -45,20 +58,30 @@ class XLabDataModule(LightningDataModule):
     """
 
     collate_fn: Callable[[list[Any]], Any] | None = None
+    records: ClassVar[str]  # what the source's records are, for messages
 
     def __init__(
-        self, cache_key: str, splits: SplitFractions, seed: int, batch_size: int, num_workers: int, cache_dir: str
+        self, source: Source, splits: SplitFractions, seed: int, batch_size: int, num_workers: int, cache_dir: str
     ):
         super().__init__()
         if batch_size < 1:
             raise UserError("data.batch_size must be at least 1")
-        self.cache_key = cache_key
+        self.source = source
+        self.cache_key = source.cache_key()
         self.splits = splits
         self.seed = seed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir)
         self.datasets: dict[str, Dataset] = {}
+
+    @functools.cached_property
+    def split_source(self) -> tuple[datasets.Dataset, dict[str, np.ndarray]]:
+        """The source's records and each split's indices into them; loaded once per DataModule."""
+        records = self.source.load()
+        if len(records) == 0:
+            raise UserError(f"the data source {type(self.source).__name__} has no {self.records}: point it at some")
+        return records, split_indices(len(records), self.splits, self.seed)
 
     @property
     def data_dir(self) -> Path:

@@ -1,12 +1,10 @@
 """The translation DataModule: sentence pairs in, per-batch padded source and target tensors out, cached on disk."""
 
-import functools
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-import numpy as np
 import torch
 from jsonargparse import lazy_instance
 from tokenizers import Tokenizer
@@ -14,7 +12,7 @@ from torch import Tensor
 
 from xlab.data.module import SPLITS, STAGE_SPLITS, XLabDataModule, digest, one_at_a_time
 from xlab.data.pairs import SOURCE, TARGET, NumberPhrases, PairSource
-from xlab.data.splits import SplitFractions, split_indices
+from xlab.data.splits import SplitFractions
 from xlab.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -44,6 +42,8 @@ class TranslationDataModule(XLabDataModule):
     longest source and target, with boolean padding masks for each side.
     """
 
+    records = "sentence pairs"
+
     def __init__(
         self,
         source: PairSource = lazy_instance(NumberPhrases),
@@ -57,11 +57,10 @@ class TranslationDataModule(XLabDataModule):
         num_workers: int = 0,
         cache_dir: str = "cache",
     ):
-        super().__init__(source.cache_key(), splits, seed, batch_size, num_workers, cache_dir)
+        super().__init__(source, splits, seed, batch_size, num_workers, cache_dir)
         check_vocab_size(vocab_size)
         if context_length < 2:
             raise UserError("data.context_length must be at least 2 (a token and the start or end token)")
-        self.source = source
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.shared_tokenizer = shared_tokenizer
@@ -103,7 +102,7 @@ class TranslationDataModule(XLabDataModule):
         if all(p.exists() for p in paths.values()) and (self.tokens_dir() / "stats.json").exists():
             return
         self._train_tokenizers()
-        pairs, indices = self._pairs
+        pairs, indices = self.split_source
         source_tokenizer, target_tokenizer = (load_tokenizer(paths[side]) for side in (SOURCE, TARGET))
         stats = {}
         for split in SPLITS:
@@ -119,14 +118,6 @@ class TranslationDataModule(XLabDataModule):
                 encoded.save_to_disk(str(directory))
         write_json_atomic(self.tokens_dir() / "stats.json", stats)
 
-    @functools.cached_property
-    def _pairs(self) -> tuple[datasets.Dataset, dict[str, np.ndarray]]:
-        """The source's pairs and each split's indices; loaded once per DataModule."""
-        pairs = self.source.load()
-        if len(pairs) == 0:
-            raise UserError(f"the data source {type(self.source).__name__} has no sentence pairs: point it at some")
-        return pairs, split_indices(len(pairs), self.splits, self.seed)
-
     def _train_tokenizers(self) -> None:
         """Train each side's tokenizer on the train split, unless the cache has it."""
         paths = self.tokenizer_paths()
@@ -137,7 +128,7 @@ class TranslationDataModule(XLabDataModule):
                     self._train_tokenizer(columns, paths[side])
 
     def _train_tokenizer(self, columns: list[str], path: Path) -> None:
-        pairs, indices = self._pairs
+        pairs, indices = self.split_source
         train = pairs.select(indices["train"])
         if len(train) == 0:
             raise UserError("the train split is empty: add sentence pairs or raise data.splits.train")
