@@ -157,6 +157,9 @@ def test_new_run_refuses_to_overwrite_earlier_checkpoints(in_tmp: Path, corpus: 
         (["--data.init_args.splits.val=0"], "the val split has 0 tokens"),
         (["--model.init_args.arch.activation=tanh"], "Expected a typing.Literal"),
         (["--ckpt_path=missing.ckpt"], "missing.ckpt"),
+        (["--trainer.strategy=fsdp", "--trainer.accelerator=cpu"], "strategy `fsdp` requires a GPU accelerator"),
+        (["--trainer.strategy=nosuch"], "invalid strategy name"),
+        (["--trainer.devices=0"], "is not a valid input using cpu accelerator"),
     ],
 )
 def test_bad_input_is_one_clear_line(in_tmp: Path, corpus: Path, capsys, overrides: list[str], message: str):

@@ -3,6 +3,7 @@
 import logging
 import re
 import sys
+import traceback
 import warnings
 from functools import partial
 from pathlib import Path
@@ -32,6 +33,12 @@ NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")  # names Lightning resol
 def model_shape(key: str, data: XLabDataModule) -> int | None:
     """One of the architecture's shapes as the data decides it (``XLabDataModule.model_shapes``)."""
     return data.model_shapes()[key]
+
+
+def raised_by_settings_check(error: BaseException) -> bool:
+    """Whether ``error`` came from Lightning's accelerator connector, which checks the trainer's settings."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).name == "accelerator_connector.py"
 
 
 class XLabTrainer(Trainer):
@@ -132,6 +139,16 @@ class XLabCLI(LightningCLI):
             self.model.model.load_state_dict(load(path).model.state_dict())
             kwargs["ckpt_path"] = None
         return kwargs
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's checks of strategy, accelerator, devices and precision raise ValueError; those are the
+        user's settings, so they end as one line like every other mistake."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except ValueError as error:
+            if not raised_by_settings_check(error):
+                raise
+            raise UserError(f"these trainer settings do not work together: {error}") from None
 
     def before_instantiate_classes(self) -> None:
         """Under SLURM, a run that does not match the allocation stops here, before anything is built."""
