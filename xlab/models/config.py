@@ -20,6 +20,8 @@ class TransformerConfig:
     are decided by the data and linked in by the CLI; the rest is chosen in YAML.
     ``max_positions`` is how many positions the model supports (default: ``context_length``),
     so a model can be trained on shorter sequences than it will later see.
+    ``activation_checkpointing`` recomputes each block's activations in the backward pass
+    instead of keeping them: less memory for about one more forward pass of compute.
     """
 
     vocab_size: int = 0
@@ -40,6 +42,7 @@ class TransformerConfig:
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

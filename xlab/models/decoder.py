@@ -43,7 +43,7 @@ class Decoder(Network):
         x = self.embed_tokens(self.embed, tokens, positions)
         for index, block in enumerate(self.blocks):
             layer_cache = cache.layer(index) if cache is not None else None
-            x = block(x, mask=mask, is_causal=mask is None, positions=positions, cache=layer_cache)
+            x = self.run_block(block, x, mask=mask, is_causal=mask is None, positions=positions, cache=layer_cache)
         if cache is not None:
             cache.advance(time)
         return self.head(self.final_norm(x))

@@ -62,7 +62,7 @@ class EncoderDecoder(Network):
         x = self.embed_tokens(self.source_embed, source, positions)
         mask = attention_mask(source.size(1), source_padding, causal=False, device=source.device)
         for block in self.encoder:
-            x = block(x, mask=mask, positions=positions)
+            x = self.run_block(block, x, mask=mask, positions=positions)
         return self.encoder_norm(x)
 
     def decode(
@@ -83,7 +83,8 @@ class EncoderDecoder(Network):
         context_mask = None if source_padding is None else ~source_padding[:, None, None, :]
         for index, block in enumerate(self.decoder):
             layer_cache = cache.layer(index) if cache is not None else None
-            y = block(
+            y = self.run_block(
+                block,
                 y,
                 mask=mask,
                 is_causal=mask is None,
@@ -203,6 +204,7 @@ def check_torch_compatible(config: TransformerConfig) -> None:
         (config.norm != "layernorm", f"norm {config.norm}"),
         (config.positions == "rotary", "rotary positions"),
         (config.n_kv_heads != config.n_heads, "grouped-query attention (n_kv_heads != n_heads)"),
+        (config.activation_checkpointing, "activation checkpointing"),
     ]
     for failed, option in unsupported:
         if failed:

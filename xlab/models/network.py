@@ -10,9 +10,11 @@ benchmarks all build through it.
 
 import math
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from xlab.models.cache import KVCache
 from xlab.models.config import TransformerConfig
@@ -55,6 +57,13 @@ class Network(nn.Module):
         if self.positions is not None:
             x = x + self.positions(positions)
         return self.dropout(x)
+
+    def run_block(self, block: nn.Module, x: Tensor, **inputs: Any) -> Tensor:
+        """``block(x, **inputs)``; with ``activation_checkpointing`` while training, its activations are
+        recomputed in the backward pass rather than kept (dropout draws the same masks both times)."""
+        if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **inputs)
+        return block(x, **inputs)
 
     def init_head(self, residual_layers: int) -> None:
         """The output head over the target vocabulary; then every weight initialised, and the head tied if asked."""
