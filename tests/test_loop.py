@@ -101,11 +101,13 @@ class Every(Periodic):
 
 
 class Recording(Logger):
-    """The steps (Lightning's 0-based logging index) at which training metrics reached the logger."""
+    """The steps (Lightning's 0-based logging index) at which ``metric`` reached the logger, and its values."""
 
-    def __init__(self):
+    def __init__(self, metric: str = "train/weight"):
         super().__init__()
+        self.metric = metric
         self.steps: list[int] = []
+        self.values: list[float] = []
 
     name = "recording"
     version = ""
@@ -114,8 +116,9 @@ class Recording(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if "train/weight" in metrics:
+        if self.metric in metrics:
             self.steps.append(step)
+            self.values.append(metrics[self.metric])
 
 
 def fit(
@@ -284,28 +287,11 @@ class InterruptAt(Callback):
             self.interrupt.requested = True
 
 
-class TokenLog(Logger):
-    """The ``train/tokens_seen`` values that reached the logger, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens: list[float] = []
-
-    name = "tokens"
-    version = ""
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if "train/tokens_seen" in metrics:
-            self.tokens.append(metrics["train/tokens_seen"])
-
-
 def test_checkpoints_hold_the_tokens_of_the_step_they_save(tmp_path: Path):
     """Two batches a step; saved every two steps, then at the end of training by a Ctrl-C after step 5: each
     checkpoint has the tokens of the batches up to its step, and logging reports the running count."""
-    control, saved, logger = LoopControl(checkpoint_every="2 steps", metrics_csv=False), SavedTokens(), TokenLog()
+    control, saved = LoopControl(checkpoint_every="2 steps", metrics_csv=False), SavedTokens()
+    logger = Recording("train/tokens_seen")
     interrupt = SaveOnInterrupt()
     trainer = Trainer(
         max_steps=6,
@@ -325,7 +311,7 @@ def test_checkpoints_hold_the_tokens_of_the_step_they_save(tmp_path: Path):
     assert interrupt.saved_to == tmp_path / "last.ckpt"
     assert saved.saved == [(2, RUNNING_TOKENS[3]), (4, RUNNING_TOKENS[7]), (5, RUNNING_TOKENS[9])]
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["tokens_seen"] == RUNNING_TOKENS[9]
-    assert logger.tokens == [RUNNING_TOKENS[2 * step + 1] for step in range(5)]
+    assert logger.values == [RUNNING_TOKENS[2 * step + 1] for step in range(5)]
 
 
 def test_metrics_csv_has_one_row_per_step_and_continues_an_existing_file(tmp_path: Path):
