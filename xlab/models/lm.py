@@ -23,12 +23,13 @@ class LanguageModel(TrainingModule):
         arch: TransformerConfig,
         optimizer: OptimizerConfig = OptimizerConfig(),
         transforms: Sequence[Transform] = (),
+        compile: bool = False,
     ):
-        super().__init__(arch, optimizer, transforms)
+        super().__init__(arch, optimizer, transforms, compile=compile)
         self.metrics = nn.ModuleDict({stage: LMMetrics() for stage in ("val", "test")})
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.model(tokens)
+        return self.network(tokens)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["input"])

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import Tensor
+from torch import Tensor, nn
 
 from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
@@ -43,7 +43,9 @@ class TrainingModule(LightningModule):
 
     ``family`` names the subclass's entry in ``xlab.models.families``; the network is built
     there, with ``transforms`` applied, and the hyperparameters record all a loader needs to
-    build it again (family, implementation, architecture, transforms).
+    build it again (family, implementation, architecture, transforms). With ``compile``, training
+    and evaluation run the network through ``torch.compile`` (``network``); generation stays eager,
+    since each decoding step grows the KV cache by one position, a new shape to compile for.
     """
 
     family: ClassVar[str]
@@ -54,6 +56,7 @@ class TrainingModule(LightningModule):
         optimizer: OptimizerConfig,
         transforms: Sequence[Transform] = (),
         implementation: str = DEFAULT_IMPLEMENTATION,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -68,6 +71,19 @@ class TrainingModule(LightningModule):
         self.arch = arch
         self.optimizer_config = optimizer
         self.model = FAMILIES[self.family].build(arch, implementation, transforms)
+        self.compile = compile
+        self._compiled: nn.Module | None = None
+
+    @property
+    def network(self) -> nn.Module:
+        """What training and evaluation call: ``model``, compiled once ``configure_model`` has run with ``compile``."""
+        return self.model if self._compiled is None else self._compiled
+
+    def configure_model(self) -> None:
+        """Lightning's hook for changes to the network once the strategy is set up and before the optimizer."""
+        if self.compile and self._compiled is None:
+            # outside the module tree, so that state dicts and checkpoints name only ``model``'s parameters
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config

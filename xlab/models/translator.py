@@ -41,10 +41,11 @@ class Translator(TrainingModule):
         num_beams: int = 1,
         max_new_tokens: int = 64,
         examples: int = 5,
+        compile: bool = False,
     ):
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
-        super().__init__(arch, optimizer, transforms, implementation)
+        super().__init__(arch, optimizer, transforms, implementation, compile)
         self.label_smoothing = label_smoothing
         for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
             if value < 1:
@@ -57,7 +58,7 @@ class Translator(TrainingModule):
         self.outputs: list[tuple[str, str, str]] = []
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.model(batch["source"], batch["target_input"], batch["source_padding"], batch["target_padding"])
+        return self.network(batch["source"], batch["target_input"], batch["source_padding"], batch["target_padding"])
 
     def tokens_in_batch(self, batch: dict[str, Tensor]) -> int:
         """Target tokens (padding excluded) this process trains on in ``batch``."""
