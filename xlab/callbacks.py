@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from tokenizers import Tokenizer
 
 from xlab.errors import UserError
-from xlab.generation import GenerationConfig, best_targets, generate
+from xlab.generation import CausalModel, GenerationConfig, best_targets, generate
 from xlab.loop import LoopControl, Periodic, last_checkpoint_path
+from xlab.models.sharding import whole_weights
 
 
 class TokensPerSecond(Callback):
@@ -140,27 +142,33 @@ class SampleText(Periodic):
 
     def on_period(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.sampled_at = trainer.global_step
-        if trainer.is_global_zero:
-            self.write_samples(trainer, pl_module)
+        self.write_samples(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.sampled_at != trainer.global_step and trainer.is_global_zero:
+        if self.sampled_at != trainer.global_step:
             self.write_samples(trainer, pl_module)
 
     def write_samples(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        experiment = getattr(trainer.logger, "experiment", None)
-        if not hasattr(experiment, "add_text"):
+        """Every process calls it, since a sharded network gathers its weights on all of them together; the first
+        process alone decodes and writes."""
+        if not hasattr(getattr(trainer.logger, "experiment", None), "add_text"):
             return
         was_training = pl_module.training
         pl_module.eval()
-        results = generate(pl_module.model, trainer.datamodule.tokenizer, self.prompts, self.config)
+        with whole_weights(pl_module.model):
+            text = self.sample_text(pl_module.model, trainer.datamodule.tokenizer) if trainer.is_global_zero else None
         pl_module.train(was_training)
-        # Indented lines are a code block in TensorBoard's markdown, which keeps the model's line breaks.
-        text = "\n\n".join(
+        if text is not None:
+            trainer.logger.experiment.add_text("samples", text, trainer.global_step)
+
+    def sample_text(self, model: CausalModel, tokenizer: Tokenizer) -> str:
+        """Each prompt with its continuation, as indented lines: a code block in TensorBoard's markdown, which
+        keeps the model's line breaks."""
+        results = generate(model, tokenizer, self.prompts, self.config)
+        return "\n\n".join(
             "    " + (prompt + generations[0].text).replace("\n", "\n    ")
             for prompt, generations in zip(self.prompts, results)
         )
-        experiment.add_text("samples", text, trainer.global_step)
 
 
 class EngineDecoding(Callback):

@@ -14,6 +14,7 @@ from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
 from xlab.models.families import DEFAULT_IMPLEMENTATION, FAMILIES
 from xlab.models.schedule import WarmupCosine
+from xlab.models.sharding import data_parallel_mesh, is_sharded, shard
 from xlab.models.transforms import Transform, record
 
 
@@ -80,7 +81,10 @@ class TrainingModule(LightningModule):
         return self.model if self._compiled is None else self._compiled
 
     def configure_model(self) -> None:
-        """Lightning's hook for changes to the network once the strategy is set up and before the optimizer."""
+        """Lightning's hook for changes to the network once the strategy is set up and before the optimizer:
+        sharding under ``ModelParallelStrategy`` (FSDP2), then compiling."""
+        if self.device_mesh is not None and not is_sharded(self.model):
+            shard(self.model, data_parallel_mesh(self.device_mesh))
         if self.compile and self._compiled is None:
             # outside the module tree, so that state dicts and checkpoints name only ``model``'s parameters
             object.__setattr__(self, "_compiled", torch.compile(self.model))

@@ -11,6 +11,7 @@ from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
 from xlab.models.losses import seq2seq_loss
 from xlab.models.metrics import LMMetrics, corpus_scores, token_accuracy, token_statistics
+from xlab.models.sharding import whole_weights
 from xlab.models.training import OptimizerConfig, TrainingModule
 from xlab.models.transforms import Transform
 
@@ -95,7 +96,8 @@ class Translator(TrainingModule):
             )
         sources = [row[~padding].tolist() for row, padding in zip(batch["source"], batch["source_padding"])]
         tokenizer = self.trainer.datamodule.tokenizer
-        targets = self.decoding(self.model, sources, self.num_beams, self.max_new_tokens)
+        with whole_weights(self.model):  # each process decodes for as many steps as its own sources need
+            targets = self.decoding(self.model, sources, self.num_beams, self.max_new_tokens)
         return [tokenizer.decode(ids, skip_special_tokens=True) for ids in targets]
 
     def on_validation_epoch_end(self) -> None:
