@@ -1,14 +1,26 @@
-"""Training throughput of XLab's Decoder against Hugging Face GPT2LMHeadModel of the same architecture.
+"""Training throughput: XLab's model step against Hugging Face GPT-2, and the whole training loop around it.
 
-Both models get the same shape (layers, width, heads, context, vocabulary, learned positions,
-pre-LayerNorm, exact GELU, biases, tied embeddings, no dropout), the same random batch, the same
-loss, the same AdamW (XLab's settings, from ``LanguageModel.configure_optimizers``), the same
-precision and the same torch threads. A step is forward + backward + optimizer step. After
-warm-up the models take turns in rounds (A B, B A, ...); the table gives each model's median
-round, its model FLOPs utilisation (MFU: ``Decoder.flops_per_token()`` x tokens/s, the same
-formula for both, over the best matmul FLOP/s this machine showed in the run, in the run's
-compute dtype) and the median over rounds of its speed relative to transformers in that round.
-On CPU it warns when other processes took the cores: the figures are then not worth reading.
+Rows, all at the same shape, batch and precision, with the same torch threads:
+
+- ``XLab model step``: forward + loss + backward + AdamW (XLab's settings, from
+  ``LanguageModel.configure_optimizers``) on one fixed random batch; no dropout.
+- ``transformers GPT-2``: GPT2LMHeadModel of the same architecture (learned positions,
+  pre-LayerNorm, exact GELU, biases, tied embeddings), the same step. The reference of the model.
+- ``plain PyTorch loop``: the loop a user who leaves Lightning would write, in nanoGPT's shape
+  (bench/loops.py): batches from a memmapped token file, the schedule set each step, gradient
+  clipping, AdamW. The reference of the loop.
+- ``XLab model step, compiled``: the model step through ``torch.compile`` (``--no-compile``: not).
+- ``XLab model step, dropout 0.1``: what dropout costs (``--dropout 0``: not).
+- ``./xlab.py fit`` (and ``compile: true``): the whole command, conf/xlab.yaml at this shape without
+  dropout or validation, in a subprocess between the two halves of the rounds; its tokens/s as it
+  logs them itself (``train/tokens_per_sec``) after warm-up (``--no-fit``: not).
+
+After warm-up the in-process rows take turns in rounds (A B C, C B A, ...); the table gives each
+row's median round, its model FLOPs utilisation (MFU: ``Decoder.flops_per_token()`` x tokens/s,
+over the best matmul FLOP/s this machine showed in the run, in the run's compute dtype) and the
+median over rounds of its speed relative to each reference in the same round (for a fit row: over
+the reference's median). On CPU it warns when other processes took the cores: the figures are then
+not worth reading.
 
 transformers, the reference, is pinned in requirements.txt (bench/requirements.txt includes it):
 
@@ -21,9 +33,11 @@ transformers, the reference, is pinned in requirements.txt (bench/requirements.t
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,13 +46,18 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import add_model_arguments, model_config, synchronize, transformers_and_device  # noqa: E402
+from loops import fit_tokens_per_second, plain_loop_step, token_file  # noqa: E402
 
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.lm import LanguageModel, OptimizerConfig  # noqa: E402
 from xlab.models.losses import next_token_loss  # noqa: E402
+from xlab.models.schedule import WarmupCosine  # noqa: E402
 
 Step = Callable[[], None]
 REFERENCE = "transformers GPT-2"
+MODEL_STEP = "XLab model step"
+PLAIN_LOOP = "plain PyTorch loop"
+FIT_LOOP = "./xlab.py fit"
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model before the rounds")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-fit", dest="fit", action="store_false", help="skip the ./xlab.py fit rows")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--dropout", type=float, default=0.1, help="the dropout row's rate (0: no such row)")
     return parser.parse_args()
 
 
@@ -134,6 +156,44 @@ def time_steps(step: Step, steps: int, device: torch.device) -> tuple[float, flo
     return wall, (time.process_time() - cpu_start) / (wall * torch.get_num_threads())
 
 
+def step_rows(
+    args: argparse.Namespace, device: torch.device, autocast: Callable[[], AbstractContextManager], directory: Path
+) -> tuple[dict[str, Step], LanguageModel]:
+    """The rows timed in this process, each a step over its own copy of the same initial model, and that model."""
+    config = model_config(args)
+
+    def fresh(dropout: float = 0.0) -> tuple[LanguageModel, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        lm = LanguageModel(replace(config, dropout=dropout), OptimizerConfig(decay_steps=1)).to(device)
+        return lm, lm.configure_optimizers()["optimizer"]
+
+    lm, optimizer = fresh()
+    hf_model = gpt2_like(config).to(device)
+    if sum(p.numel() for p in lm.model.parameters()) != sum(p.numel() for p in hf_model.parameters()):
+        sys.exit("error: the two models differ in parameter count: not the same architecture")
+    tokens = torch.randint(args.vocab, (args.batch, args.context + 1), device=device)
+    hf_optimizer = like_optimizer(hf_model, optimizer)
+    hf_step = training_step(lambda x: hf_model(input_ids=x).logits, hf_optimizer, tokens, autocast)
+    steps = {MODEL_STEP: training_step(lm.model, optimizer, tokens, autocast), REFERENCE: hf_step}
+    plain, plain_optimizer = fresh()
+    schedule = WarmupCosine(OptimizerConfig.warmup_steps, 10_000, OptimizerConfig.min_lr_ratio)
+    data = token_file(directory, args.vocab)
+    steps[PLAIN_LOOP] = plain_loop_step(
+        plain.model, plain_optimizer, schedule, data, args.batch, args.context, device, autocast
+    )
+    if args.compile:
+        compiled, compiled_optimizer = fresh()
+        steps[f"{MODEL_STEP}, compiled"] = training_step(
+            torch.compile(compiled.model), compiled_optimizer, tokens, autocast
+        )
+    if args.dropout:
+        dropped, dropped_optimizer = fresh(args.dropout)
+        steps[f"{MODEL_STEP}, dropout {args.dropout}"] = training_step(
+            dropped.model, dropped_optimizer, tokens, autocast
+        )
+    return steps, lm
+
+
 def main() -> int:
     args = parse_args()
     transformers_version, device = transformers_and_device(args.device)
@@ -144,57 +204,71 @@ def main() -> int:
     def autocast() -> AbstractContextManager:
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    torch.manual_seed(0)
-    config = model_config(args)
-    lm = LanguageModel(config, OptimizerConfig(decay_steps=1)).to(device)
-    xlab_optimizer = lm.configure_optimizers()["optimizer"]
-    hf_model = gpt2_like(config).to(device)
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    if n_params != sum(p.numel() for p in hf_model.parameters()):
-        print("error: the two models differ in parameter count: not the same architecture", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory() as directory:
+        steps, lm = step_rows(args, device, autocast, Path(directory))
+        for step in steps.values():
+            time_steps(step, args.warmup, device)
+        rates: dict[str, list[float]] = {name: [] for name in steps}
+        peaks, cpu_shares = [], []
+        fit_rates: dict[str, float] = {}
+        for round_ in range(args.rounds):
+            if round_ == args.rounds // 2 and args.fit:  # the whole command, between the two halves of the rounds
+                fit_rates[FIT_LOOP], fit_vocab = fit_tokens_per_second(args, args.rounds * args.steps, args.warmup)
+                if args.compile:
+                    fit_rates[f"{FIT_LOOP}, compile: true"], _ = fit_tokens_per_second(
+                        args, args.rounds * args.steps, args.warmup, "--model.init_args.compile=true"
+                    )
+                if fit_vocab != args.vocab:
+                    print(f"warning: the fit runs' tokenizer has {fit_vocab} tokens, not {args.vocab}")
+            peaks.append(matmul_flops(device, dtype))
+            for name in steps if round_ % 2 == 0 else reversed(steps):
+                wall, cpu_share = time_steps(steps[name], args.steps, device)
+                rates[name].append(args.batch * args.context * args.steps / wall)
+                cpu_shares.append(cpu_share)
+    print_table(args, device, transformers_version, lm, rates, fit_rates, max(peaks), cpu_shares)
+    return 0
 
-    tokens = torch.randint(args.vocab, (args.batch, args.context + 1), device=device)
-    hf_optimizer = like_optimizer(hf_model, xlab_optimizer)
-    steps = {
-        "XLab": training_step(lm.model, xlab_optimizer, tokens, autocast),
-        REFERENCE: training_step(lambda x: hf_model(input_ids=x).logits, hf_optimizer, tokens, autocast),
-    }
-    for step in steps.values():
-        time_steps(step, args.warmup, device)
 
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    peaks, cpu_shares = [], []
-    for round_ in range(args.rounds):
-        peaks.append(matmul_flops(device, dtype))
-        for name in steps if round_ % 2 == 0 else reversed(steps):
-            wall, cpu_share = time_steps(steps[name], args.steps, device)
-            rates[name].append(args.batch * args.context * args.steps / wall)
-            cpu_shares.append(cpu_share)
-
+def print_table(
+    args: argparse.Namespace,
+    device: torch.device,
+    transformers_version: str,
+    lm: LanguageModel,
+    rates: dict[str, list[float]],
+    fit_rates: dict[str, float],
+    peak: float,
+    cpu_shares: list[float],
+) -> None:
     threads = torch.get_num_threads()
-    flops_per_token, peak = lm.model.flops_per_token(), max(peaks)
+    flops_per_token, n_params = lm.model.flops_per_token(), sum(p.numel() for p in lm.model.parameters())
     print(
         f"device {device}, precision {args.precision}, torch {torch.__version__}, "
         f"transformers {transformers_version}, {threads} CPU threads"
     )
     print(
         f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, context {args.context}, "
-        f"vocab {args.vocab}, {n_params:,} parameters; batch {args.batch}; "
-        f"{args.rounds} rounds of {args.steps} steps per model"
+        f"vocab {args.vocab}, {n_params:,} parameters, no dropout unless named; batch {args.batch}; "
+        f"{args.rounds} rounds of {args.steps} steps per row"
     )
     print(f"model FLOPs per token {flops_per_token:,}; matmul peak {peak / 1e9:,.1f} GFLOP/s ({args.precision})")
     if device.type == "cpu" and statistics.median(cpu_shares) < 0.85:
         print(
             f"warning: other processes were using the CPU (this one got {statistics.median(cpu_shares):.0%} "
-            "of its threads' time): the figures below understate both models and their ratio is unreliable"
+            "of its threads' time): the figures below understate every row and their ratios are unreliable"
         )
-    print(f"\n{'model':<20} {'tokens/s':>10} {'MFU':>7} {'vs transformers':>16}")
-    for name, values in rates.items():
-        tokens_per_s = statistics.median(values)
-        ratio = statistics.median(mine / theirs for mine, theirs in zip(values, rates[REFERENCE]))
-        print(f"{name:<20} {tokens_per_s:>10,.0f} {tokens_per_s * flops_per_token / peak:>7.1%} {ratio:>15.2f}x")
-    return 0
+
+    def ratio(values: list[float] | float, reference: str) -> str:
+        """Median over rounds of the per-round ratio; for a fit row (one figure), over the reference's median."""
+        if isinstance(values, float):
+            return f"{values / statistics.median(rates[reference]):.2f}x"
+        return f"{statistics.median(mine / theirs for mine, theirs in zip(values, rates[reference])):.2f}x"
+
+    references = (REFERENCE, MODEL_STEP, PLAIN_LOOP)
+    print(f"\n{'row':<34} {'tokens/s':>10} {'MFU':>7} " + " ".join(f"{'vs ' + name:>22}" for name in references))
+    for name, values in [*rates.items(), *fit_rates.items()]:
+        tokens_per_s = values if isinstance(values, float) else statistics.median(values)
+        row = f"{name:<34} {tokens_per_s:>10,.0f} {tokens_per_s * flops_per_token / peak:>7.1%} "
+        print(row + " ".join(f"{ratio(values, reference):>22}" for reference in references))
 
 
 if __name__ == "__main__":

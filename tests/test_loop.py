@@ -16,6 +16,8 @@ from tests.conftest import run_cli, tiny_args
 from xlab.callbacks import SaveOnInterrupt
 from xlab.errors import UserError
 from xlab.loop import LoopControl, MetricsCSV, Period, Periodic
+from xlab.models import lm
+from xlab.models.metrics import token_accuracy
 
 # Target tokens (padding excluded) of the six batches of the toy's epoch, two sequences each. Running totals
 # over two epochs: 10 13 20 32 37 46 | 56 59 66 78 83 92.
@@ -361,14 +363,20 @@ def assert_csv_matches_tensorboard(run_dir: Path) -> None:
         assert written[name] == pytest.approx(values, rel=1e-6), name
 
 
-def test_loop_settings_drive_a_real_run_that_resumes_and_stops_at_a_token_budget(in_tmp: Path, corpus: Path):
+def test_loop_settings_drive_a_real_run_that_resumes_and_stops_at_a_token_budget(
+    in_tmp: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+):
     """The tiny language model trains 8 x 32 = 256 tokens a step."""
+    accuracy_steps = []
+    monkeypatch.setattr(lm, "token_accuracy", lambda *args: accuracy_steps.append(1) or token_accuracy(*args))
     loop = ["--loop.validate_every=1280 tokens", "--loop.log_every=512 tokens"]
     assert run_cli("fit", *tiny_args(corpus, *loop, "--trainer.max_steps=10")) == 0
+    assert len(accuracy_steps) == 5  # the training accuracy is computed only on the steps that log it
     run_dir = in_tmp / "runs" / "defaults"
     logged = tensorboard_scalars(run_dir)
     assert sorted(logged["val/loss"]) == [4, 9]  # Lightning logs step s under s - 1
     assert sorted(logged["train/loss"]) == sorted(logged["lr-AdamW/matrices"]) == [1, 3, 5, 7, 9]
+    assert sorted(logged["train/accuracy"]) == sorted(logged["train/bits_per_byte"]) == [1, 3, 5, 7, 9]
     assert_csv_matches_tensorboard(run_dir)
     first_rows = read_csv(run_dir / "metrics.csv")
 

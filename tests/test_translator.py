@@ -1,6 +1,7 @@
 """The encoder-decoder against torch.nn.Transformer, its masks, causality, loss, scores and cached decoding."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import sacrebleu
@@ -113,7 +114,8 @@ def test_decoder_is_causal_and_sees_the_whole_source():
 def test_training_loss_is_label_smoothed_cross_entropy_over_real_target_tokens():
     torch.manual_seed(0)
     translator = Translator(config(), label_smoothing=0.1)
-    translator.trainer = type("FakeTrainer", (), {"world_size": 1})()
+    logging = SimpleNamespace(should_update_logs=True)  # a step that logs, as Lightning's connector says
+    translator.trainer = type("FakeTrainer", (), {"world_size": 1, "_logger_connector": logging})()
     translator.log = lambda *args, **kwargs: None
     source, source_padding = padded_batch([5, 3], seed=6)
     target_input, target_padding = padded_batch([4, 2], seed=7)

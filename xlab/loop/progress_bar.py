@@ -23,20 +23,20 @@ class LoopFigures:
     def __init__(self, loop: "LoopControl", *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loop = loop
-        self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+        self.losses: deque[torch.Tensor] = deque(maxlen=LOSS_WINDOW)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
-            self.losses.append(loss.item())
+            self.losses.append(loss.detach())  # read when the bar refreshes: no device sync on the other steps
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         if self.losses:
-            metrics["loss"] = f"{sum(self.losses) / len(self.losses):.3f}"
+            metrics["loss"] = f"{torch.stack(list(self.losses)).float().mean().item():.3f}"
         tokens_per_second = self.loop.rate("tokens")
         if tokens_per_second:
             metrics["tok/s"] = f"{tokens_per_second:,.0f}"

@@ -35,9 +35,10 @@ class LanguageModel(TrainingModule):
         logits = self(batch["input"])
         loss = next_token_loss(logits, batch["target"])
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", token_accuracy(logits, batch["target"]))
-        loss_sum = loss.detach() * batch["target"].numel()
-        self.log("train/bits_per_byte", bits_per_byte(loss_sum, batch["target_bytes"].sum()))
+        if self.logs_this_step():
+            self.log("train/accuracy", token_accuracy(logits, batch["target"]))
+            loss_sum = loss.detach() * batch["target"].numel()
+            self.log("train/bits_per_byte", bits_per_byte(loss_sum, batch["target_bytes"].sum()))
         return loss
 
     def tokens_in_batch(self, batch: dict[str, Tensor]) -> int:

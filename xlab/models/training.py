@@ -89,6 +89,11 @@ class TrainingModule(LightningModule):
             # outside the module tree, so that state dicts and checkpoints name only ``model``'s parameters
             object.__setattr__(self, "_compiled", torch.compile(self.model))
 
+    def logs_this_step(self) -> bool:
+        """Whether this training step's metrics reach the loggers (Lightning's own test, which its
+        LearningRateMonitor uses too), so that a figure costing a pass over the logits is computed only then."""
+        return self._trainer is None or self._trainer._logger_connector.should_update_logs
+
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
         optimizer = torch.optim.AdamW(

@@ -69,7 +69,8 @@ class Translator(TrainingModule):
         logits = self(batch)
         loss = seq2seq_loss(logits, batch["target"], self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/accuracy", token_accuracy(logits, batch["target"], ignore_index=PAD_ID))
+        if self.logs_this_step():
+            self.log("train/accuracy", token_accuracy(logits, batch["target"], ignore_index=PAD_ID))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
