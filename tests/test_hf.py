@@ -29,6 +29,7 @@ LLAMA = {"positions": "rotary", "norm": "rmsnorm", "activation": "swiglu", "bias
 MAPPED = {
     "gpt2": ({}, "GPT2LMHeadModel"),
     "gpt2-relu-untied": ({"activation": "relu", "tie_embeddings": False}, "GPT2LMHeadModel"),
+    "gpt2-relu2-zero-init": ({"activation": "relu2", "zero_init_projections": True}, "GPT2LMHeadModel"),
     "llama-gqa-tied": ({**LLAMA, "n_kv_heads": 2}, "LlamaForCausalLM"),
     "llama-gqa-untied": ({**LLAMA, "n_kv_heads": 1, "tie_embeddings": False, "rope_base": 500.0}, "LlamaForCausalLM"),
     "llama-bias": ({**LLAMA, "bias": True}, "LlamaForCausalLM"),
@@ -109,6 +110,11 @@ def test_bf16_export_is_stored_and_loaded_in_bf16(tokenizer: Tokenizer, tmp_path
         ({**LLAMA, "activation": "relu"}, ["activation=relu (needs swiglu)"]),
         ({"n_kv_heads": 2}, ["n_kv_heads=2 (needs n_heads, 4)"]),
         ({**LLAMA, "norm": "layernorm", "bias": True}, ["norm=layernorm (needs rmsnorm)"]),
+        ({"qk_norm": True}, ["for GPT-2, qk_norm=true (needs false)"]),
+        ({**LLAMA, "qk_norm": True}, ["for Llama, qk_norm=true (needs false)"]),
+        ({"logit_softcap": 30.0}, ["for GPT-2, logit_softcap=30.0 (needs null)"]),
+        ({**LLAMA, "logit_softcap": 30.0}, ["for Llama, logit_softcap=30.0 (needs null)"]),
+        ({**LLAMA, "activation": "relu2"}, ["for Llama, activation=relu2 (needs swiglu)"]),
     ],
 )
 def test_options_without_a_counterpart_are_refused_by_name(tokenizer: Tokenizer, tmp_path: Path, options, named):

@@ -1,8 +1,9 @@
 """Hugging Face exports: a directory that ``transformers`` loads with ``AutoModelForCausalLM`` and ``AutoTokenizer``.
 
 An XLab decoder maps onto a standard architecture when its options are ones that architecture
-has: learned positions, LayerNorm and GELU or ReLU are GPT-2 (``GPT2LMHeadModel``); rotary
-positions, RMSNorm and SwiGLU are Llama (``LlamaForCausalLM``). The weights are renamed and
+has: learned positions, LayerNorm and GELU, ReLU or ReLU squared are GPT-2 (``GPT2LMHeadModel``);
+rotary positions, RMSNorm and SwiGLU are Llama (``LlamaForCausalLM``). Neither has QK-norm or
+soft-capped logits; zero-initialised projections are only a starting point and map. The weights are renamed and
 split, never changed, so logits agree to float rounding. Options with no counterpart are
 refused by name rather than approximated.
 
@@ -36,14 +37,18 @@ GPT2_OPTIONS: dict[str, tuple[Any, ...]] = {
     "positions": ("learned",),
     "norm": ("layernorm",),
     "norm_placement": ("pre",),
-    "activation": ("gelu", "relu"),
+    "activation": ("gelu", "relu", "relu2"),  # transformers' "relu2" is ReLU squared too
     "bias": (True,),
+    "qk_norm": (False,),
+    "logit_softcap": (None,),
 }
 LLAMA_OPTIONS: dict[str, tuple[Any, ...]] = {
     "positions": ("rotary",),
     "norm": ("rmsnorm",),
     "norm_placement": ("pre",),
     "activation": ("swiglu",),
+    "qk_norm": (False,),
+    "logit_softcap": (None,),
 }
 
 
@@ -134,6 +139,9 @@ def _unmet(config: TransformerConfig, options: dict[str, tuple[Any, ...]]) -> li
 
 
 def _show(value: Any) -> str:
+    """A value as YAML writes it: true, false, null."""
+    if value is None:
+        return "null"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from xlab.errors import UserError
 
-Activation = Literal["gelu", "relu", "swiglu"]
+Activation = Literal["gelu", "relu", "relu2", "swiglu"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
 Positions = Literal["learned", "sinusoidal", "rotary"]
@@ -22,6 +22,12 @@ class TransformerConfig:
     so a model can be trained on shorter sequences than it will later see.
     ``activation_checkpointing`` recomputes each block's activations in the backward pass
     instead of keeping them: less memory for about one more forward pass of compute.
+
+    Options from the NanoGPT speedrun, all off by default: ``activation: relu2`` (ReLU squared),
+    ``qk_norm`` (queries and keys RMS-normalised per head before attention, with a learned gain
+    over the head dimension), ``logit_softcap`` (the head's logits become cap * tanh(logits / cap),
+    for training, evaluation and generation alike) and ``zero_init_projections`` (the projections
+    that write into the residual stream start at zero, so every block starts as the identity).
     """
 
     vocab_size: int = 0
@@ -43,6 +49,9 @@ class TransformerConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     activation_checkpointing: bool = False
+    qk_norm: bool = False
+    logit_softcap: float | None = None
+    zero_init_projections: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -70,6 +79,8 @@ class TransformerConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model dropout must be in [0, 1), got {self.dropout}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise UserError(f"model logit_softcap must be positive or null, got {self.logit_softcap}")
 
     @property
     def head_dim(self) -> int:

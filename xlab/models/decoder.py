@@ -46,4 +46,4 @@ class Decoder(Network):
             x = self.run_block(block, x, mask=mask, is_causal=mask is None, positions=positions, cache=layer_cache)
         if cache is not None:
             cache.advance(time)
-        return self.head(self.final_norm(x))
+        return self.logits(self.final_norm(x))

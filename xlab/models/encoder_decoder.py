@@ -95,7 +95,7 @@ class EncoderDecoder(Network):
             )
         if cache is not None:
             cache.advance(target.size(1))
-        return self.head(self.final_norm(y))
+        return self.logits(self.final_norm(y))
 
 
 class TorchEncoderDecoder(EncoderDecoder):
@@ -166,7 +166,7 @@ class TorchEncoderDecoder(EncoderDecoder):
         y = self.transformer.decoder(
             y, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=source_padding
         )
-        return self.head(y)
+        return self.logits(y)
 
 
 def copy_stacks_to_torch(model: EncoderDecoder, transformer: nn.Transformer) -> None:
@@ -198,13 +198,15 @@ def copy_stacks_to_torch(model: EncoderDecoder, transformer: nn.Transformer) -> 
 
 
 def check_torch_compatible(config: TransformerConfig) -> None:
-    """A UserError naming the first option ``torch.nn.Transformer`` cannot express."""
+    """A UserError naming the first option ``torch.nn.Transformer`` cannot express. Soft-capped logits and
+    zero-initialised projections it honours: they live in the shared head and initialisation."""
     unsupported = [
         (config.activation not in ("relu", "gelu"), f"activation {config.activation}"),
         (config.norm != "layernorm", f"norm {config.norm}"),
         (config.positions == "rotary", "rotary positions"),
         (config.n_kv_heads != config.n_heads, "grouped-query attention (n_kv_heads != n_heads)"),
         (config.activation_checkpointing, "activation checkpointing"),
+        (config.qk_norm, "QK-norm (qk_norm)"),
     ]
     for failed, option in unsupported:
         if failed:

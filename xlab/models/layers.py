@@ -22,8 +22,21 @@ def make_norm(config: TransformerConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
+def relu_squared(x: Tensor) -> Tensor:
+    """ReLU squared (Primer; the NanoGPT speedrun's MLP activation)."""
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "relu2": relu_squared}
+
+
+def softcap(logits: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(logits / cap)``: logits squashed smoothly into (-cap, cap); unchanged when ``cap`` is None."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network: GELU/ReLU, or the gated SwiGLU variant."""
+    """Position-wise feed-forward network: GELU, ReLU or ReLU squared, or the gated SwiGLU variant."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -31,7 +44,7 @@ class MLP(nn.Module):
         hidden = 2 * config.d_ff if self.gated else config.d_ff
         self.in_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.out_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
-        self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
+        self.act = ACTIVATIONS.get(config.activation, F.gelu)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,7 +82,9 @@ class Attention(nn.Module):
 
     Self-attention when ``context`` is None, cross-attention to ``context`` otherwise. With a
     ``cache``, self-attention appends its new keys and values to it and attends to all of them;
-    cross-attention computes the context's keys and values once and reuses them.
+    cross-attention computes the context's keys and values once and reuses them. With
+    ``qk_norm``, queries and keys are RMS-normalised per head (before rotary positions, so the
+    cache holds normalised keys).
     """
 
     def __init__(self, config: TransformerConfig, rotary: RotaryEmbedding | None = None):
@@ -80,6 +95,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.rotary = rotary
+        self.q_norm, self.k_norm = (head_norm(config), head_norm(config)) if config.qk_norm else (None, None)
 
     def forward(
         self,
@@ -96,6 +112,8 @@ class Attention(nn.Module):
         """
         batch, time, _ = x.shape
         q = self.q_proj(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if context is not None:
             compute = partial(self._keys_values, context)
             k, v = compute() if cache is None else cache.cross_attention(compute)
@@ -125,7 +143,12 @@ class Attention(nn.Module):
         """Keys and values (batch, kv_heads, time, head_dim) of ``source`` (batch, time, d_model)."""
         kv = self.kv_proj(source).view(source.size(0), source.size(1), 2, self.n_kv_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v
+        return (k if self.k_norm is None else self.k_norm(k)), v
+
+
+def head_norm(config: TransformerConfig) -> nn.RMSNorm:
+    """QK-norm: RMSNorm over one head's features, its gain shared by the heads."""
+    return nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
 
 def attention_mask(query_len: int, key_padding: Tensor | None, causal: bool, device: torch.device) -> Tensor | None:

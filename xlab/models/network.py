@@ -2,7 +2,7 @@
 
 ``Network`` holds the parts both the decoder and the encoder-decoder have: token inputs
 (embedding scale, absolute positions or rotary, dropout), the output head with optional
-tying, weight initialisation by module type, the KV cache and the counts (parameters, FLOPs).
+tying and logit soft-capping, weight initialisation by module type, the KV cache and the counts (parameters, FLOPs).
 ``build_network`` constructs a network and applies its recorded transforms
 (``xlab.models.transforms``); LightningModules, checkpoint and export loading and the
 benchmarks all build through it.
@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from xlab.models.cache import KVCache
 from xlab.models.config import TransformerConfig
-from xlab.models.layers import MLP, Attention, PositionEncoding, RotaryEmbedding
+from xlab.models.layers import MLP, Attention, PositionEncoding, RotaryEmbedding, softcap
 from xlab.models.transforms import Transform, apply_transforms
 
 INIT_STD = 0.02
@@ -68,9 +68,14 @@ class Network(nn.Module):
     def init_head(self, residual_layers: int) -> None:
         """The output head over the target vocabulary; then every weight initialised, and the head tied if asked."""
         self.head = nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
-        init_weights(self, residual_layers)
+        init_weights(self, residual_layers, zero_residual=self.config.zero_init_projections)
         if self.config.tie_embeddings:
             self.head.weight = self.embed.weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The head's logits for the final hidden states, soft-capped when ``logit_softcap`` is set: the one
+        place logits are made, so the loss, evaluation and generation all see the same ones."""
+        return softcap(self.head(hidden), self.config.logit_softcap)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``capacity`` positions, on this model's device and dtype."""
@@ -115,15 +120,21 @@ def matmul_weights(model: nn.Module) -> int:
     return linear + packed
 
 
-def init_weights(model: nn.Module, residual_layers: int) -> None:
+def init_weights(model: nn.Module, residual_layers: int, zero_residual: bool = False) -> None:
     """GPT-2 initialisation by module type: N(0, 0.02) for linear layers and embeddings, zero biases, and the
-    projections that write into the residual stream scaled by 1/sqrt(2 * layers). Norms keep their ones and
-    zeros. By type rather than by parameter name, so it holds whatever a module's parameters are called."""
+    projections that write into the residual stream scaled by 1/sqrt(2 * layers), or zero with
+    ``zero_residual``. Norms keep their ones and zeros. By type rather than by parameter name, so it holds
+    whatever a module's parameters are called."""
     residual = {id(projection) for projection in residual_projections(model)}
     residual_std = INIT_STD / math.sqrt(2 * residual_layers)
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=residual_std if id(module) in residual else INIT_STD)
+            if id(module) not in residual:
+                nn.init.normal_(module.weight, std=INIT_STD)
+            elif zero_residual:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, std=residual_std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
