@@ -51,7 +51,7 @@ from xlab.generation import GenerationConfig, decode_sources  # noqa: E402
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder  # noqa: E402
 from xlab.models.losses import seq2seq_loss  # noqa: E402
-from xlab.models.training import OptimizerConfig  # noqa: E402
+from xlab.models.optimizer import OptimizerConfig  # noqa: E402
 from xlab.models.translator import Translator  # noqa: E402
 
 LABEL_SMOOTHING = 0.1  # conf/translate.yaml's

@@ -1,4 +1,4 @@
-"""Warm-up + cosine learning-rate schedule, and the optimizer LanguageModel builds around it."""
+"""Warm-up + cosine or trapezoid learning-rate schedules, and the optimizer LanguageModel builds around them."""
 
 import math
 from types import SimpleNamespace
@@ -10,14 +10,14 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
 from xlab.models.lm import LanguageModel, OptimizerConfig
-from xlab.models.schedule import WarmupCosine
+from xlab.models.schedule import WarmupDecay
 
 WARMUP, DECAY, FLOOR = 10, 110, 0.2
 
 
 @pytest.fixture
 def schedule():
-    return WarmupCosine(warmup_steps=WARMUP, decay_steps=DECAY, floor=FLOOR)
+    return WarmupDecay(warmup_steps=WARMUP, decay_steps=DECAY, floor=FLOOR)
 
 
 def test_warmup_is_linear_from_the_first_step(schedule):
@@ -56,7 +56,7 @@ def test_decreases_monotonically_after_warmup(schedule):
 
 
 def test_no_warmup_starts_at_the_peak():
-    schedule = WarmupCosine(warmup_steps=0, decay_steps=100, floor=0.0)
+    schedule = WarmupDecay(warmup_steps=0, decay_steps=100, floor=0.0)
     assert schedule(0) == 1.0
     assert schedule(50) == pytest.approx(0.5)
     assert schedule(100) == 0.0
@@ -160,9 +160,9 @@ def test_optimizer_settings_and_schedule_are_applied():
 
 
 def test_decay_steps_default_to_the_run_length():
-    """Without decay_steps the cosine ends at the trainer's estimated total steps."""
+    """Without decay_steps the cosine reaches its floor at the last of the trainer's estimated 21 steps."""
     model = make_lm(decay_steps=None, warmup_steps=0, min_lr_ratio=0.25)
-    model.trainer = SimpleNamespace(estimated_stepping_batches=20, precision_plugin=None)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=21, precision_plugin=None, callbacks=[])
     config = model.configure_optimizers()
     schedule = config["lr_scheduler"]["scheduler"].lr_lambdas[0]
     assert schedule(10) == pytest.approx(0.25 + 0.75 / 2)
@@ -172,8 +172,8 @@ def test_decay_steps_default_to_the_run_length():
 
 def test_unbounded_run_without_decay_steps_is_a_user_error():
     model = make_lm(decay_steps=None)
-    model.trainer = SimpleNamespace(estimated_stepping_batches=float("inf"), precision_plugin=None)
-    with pytest.raises(UserError, match="decay_steps"):
+    model.trainer = SimpleNamespace(estimated_stepping_batches=float("inf"), precision_plugin=None, callbacks=[])
+    with pytest.raises(UserError, match="loop.stop_at or model.optimizer.decay_steps"):
         model.configure_optimizers()
 
 
@@ -181,7 +181,7 @@ def test_unbounded_run_without_decay_steps_is_a_user_error():
 def test_fused_adamw_unless_lightning_mixed_precision_would_refuse_clipping(mixed):
     model = make_lm()
     plugin = MixedPrecision("bf16-mixed", "cpu") if mixed else None
-    model.trainer = SimpleNamespace(estimated_stepping_batches=20, precision_plugin=plugin)
+    model.trainer = SimpleNamespace(estimated_stepping_batches=20, precision_plugin=plugin, callbacks=[])
     assert model.configure_optimizers()["optimizer"].defaults["fused"] is (not mixed)
 
 

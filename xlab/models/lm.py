@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from xlab.models.config import TransformerConfig
 from xlab.models.losses import next_token_loss
 from xlab.models.metrics import LMMetrics, bits_per_byte, token_accuracy, token_statistics
-from xlab.models.training import OptimizerConfig, TrainingModule
+from xlab.models.optimizer import OptimizerConfig
+from xlab.models.training import TrainingModule
 from xlab.models.transforms import Transform
 
 __all__ = ["LanguageModel", "OptimizerConfig"]

@@ -1,42 +1,25 @@
-"""What every XLab LightningModule shares: its network built through the family registry, AdamW and its
-schedule, clear weight mismatches."""
+"""What every XLab LightningModule shares: its network built through the family registry, its optimizer
+(optimizer.py) and schedule, clear weight mismatches."""
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
 from xlab.models.families import DEFAULT_IMPLEMENTATION, FAMILIES
-from xlab.models.schedule import WarmupCosine
+from xlab.models.horizon import BudgetHorizon
+from xlab.models.optimizer import OptimizerConfig, build_optimizer, group_table, split_parameters
+from xlab.models.schedule import WarmupDecay
 from xlab.models.sharding import data_parallel_mesh, is_sharded, shard
 from xlab.models.transforms import Transform, record
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW with decoupled weight decay on weight matrices only, and a warm-up + cosine schedule.
-
-    ``decay_steps`` defaults to the run's total optimizer steps; the rate ends at
-    ``min_lr_ratio`` times ``lr``.
-    """
-
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_steps: int | None = None
-    min_lr_ratio: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise UserError("model.optimizer needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
 
 
 class TrainingModule(LightningModule):
@@ -74,6 +57,7 @@ class TrainingModule(LightningModule):
         self.model = FAMILIES[self.family].build(arch, implementation, transforms)
         self.compile = compile
         self._compiled: nn.Module | None = None
+        self.horizon: BudgetHorizon | None = None  # the schedule's, when it follows the run's budgets
 
     @property
     def network(self) -> nn.Module:
@@ -96,33 +80,43 @@ class TrainingModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
-        optimizer = torch.optim.AdamW(
-            self.parameter_groups(),
-            lr=config.lr,
-            betas=config.betas,
-            eps=config.eps,
-            fused=self._fused_optimizer_allowed(),
-        )
-        decay_steps = config.decay_steps or self.trainer.estimated_stepping_batches
-        if decay_steps == float("inf"):
-            raise UserError(
-                "the run has no step limit: set trainer.max_steps, trainer.max_epochs or model.optimizer.decay_steps"
-            )
-        schedule = WarmupCosine(config.warmup_steps, int(decay_steps), config.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = build_optimizer(self.parameter_groups(), config, fused=self._fused_optimizer_allowed())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _schedule(self) -> WarmupDecay:
+        """The configured schedule, decaying over ``decay_steps`` or else over the run as its limits end it."""
+        config = self.optimizer_config
+        schedule = WarmupDecay(
+            config.warmup_steps, math.inf, config.min_lr_ratio, config.schedule, config.decay_fraction
+        )
+        self.horizon = None
+        if config.decay_steps is not None:
+            schedule.decay_steps = config.decay_steps
+            return schedule
+        max_steps = self.trainer.estimated_stepping_batches
+        if not BudgetHorizon.has_limit(max_steps, self.trainer):
+            raise UserError(
+                "the run has no step limit: set trainer.max_steps, trainer.max_epochs, loop.stop_at "
+                "or model.optimizer.decay_steps"
+            )
+        self.horizon = BudgetHorizon(schedule, max_steps)
+        self.horizon.update(self.trainer)
+        return schedule
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on matrices only; parameters a transform claims go in the groups it gives them."""
+        """The optimizer's parameter groups (optimizer.py); parameters a transform claims go in the groups it
+        gives them, which AdamW steps."""
         claimed = [group for transform in self.model.transforms for group in transform.parameter_groups(self.model)]
-        owned = {id(parameter) for group in claimed for parameter in group["params"]}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in owned]
-        decay = self.optimizer_config.weight_decay
-        return [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": decay, "name": "matrices"},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "norms_biases"},
-            *claimed,
-        ]
+        return split_parameters(self.model, self.parameters(), self.optimizer_config, claimed)
+
+    def on_train_start(self) -> None:
+        rank_zero_info("Parameter groups:\n" + group_table(self.trainer.optimizers[0]))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Renew the schedule's horizon from the run's budgets (horizon.py) before the step."""
+        if self.horizon is not None:
+            self.horizon.update(self.trainer)
 
     def _fused_optimizer_allowed(self) -> bool:
         """The fused AdamW kernel (about 3x faster steps) unless Lightning's mixed-precision plugin is in use:

@@ -11,8 +11,9 @@ from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
 from xlab.models.losses import seq2seq_loss
 from xlab.models.metrics import LMMetrics, corpus_scores, token_accuracy, token_statistics
+from xlab.models.optimizer import OptimizerConfig
 from xlab.models.sharding import whole_weights
-from xlab.models.training import OptimizerConfig, TrainingModule
+from xlab.models.training import TrainingModule
 from xlab.models.transforms import Transform
 
 Decode = Callable[[nn.Module, list[list[int]], int, int], list[list[int]]]

@@ -1,0 +1,160 @@
+"""The optimizer factory: Muon for the hidden matrices and AdamW for the rest, as one optimizer that steps,
+schedules, logs, checkpoints and resumes like AdamW alone."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import run_cli, tiny_args
+from tests.test_transforms import ScaledLinears
+from xlab.models.config import TransformerConfig
+from xlab.models.lm import LanguageModel
+from xlab.models.optimizer import MUON_GROUP, MuonWithAdamW, OptimizerConfig, group_table
+from xlab.models.translator import Translator
+
+MUON = {"name": "muon", "lr": 1e-3, "muon_lr": 0.05, "warmup_steps": 0, "decay_steps": 10}
+
+
+def arch(**options) -> TransformerConfig:
+    settings = {"vocab_size": 50, "context_length": 8, "n_layers": 2, "d_model": 16, "n_heads": 2, "d_ff": 32}
+    return TransformerConfig(**{**settings, **options})
+
+
+def configured(module):
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10, precision_plugin=None, callbacks=[])
+    return module.configure_optimizers()
+
+
+MODULES = {
+    "lm-tied": lambda: LanguageModel(arch(), OptimizerConfig(**MUON)),
+    "lm-untied-rotary": lambda: LanguageModel(arch(tie_embeddings=False, positions="rotary"), OptimizerConfig(**MUON)),
+    "lm-transform": lambda: LanguageModel(arch(), OptimizerConfig(**MUON), transforms=[ScaledLinears(lr=0.05)]),
+    "translator": lambda: Translator(arch(), OptimizerConfig(**MUON)),
+    "translator-torch": lambda: Translator(arch(), OptimizerConfig(**MUON), implementation="torch"),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_muon_and_adamw_groups_are_disjoint_and_cover_every_trainable_parameter(name: str):
+    module = MODULES[name]()
+    optimizer = configured(module)["optimizer"]
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon = [id(p) for group in optimizer.muon.param_groups for p in group["params"]]
+    adamw = [id(p) for group in optimizer.adamw.param_groups for p in group["params"]]
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert len(muon) + len(adamw) == len(trainable) and set(muon) | set(adamw) == trainable
+    names = {id(p): n for n, p in module.named_parameters()}
+    parameters = dict(module.named_parameters())
+    for i in muon:  # inside the blocks, 2-D; never an embedding table, the head or a transform's scale
+        assert names[i].startswith(("model.blocks.", "model.encoder.", "model.decoder.", "model.transformer."))
+        assert dict(module.named_parameters())[names[i]].dim() == 2 and not names[i].endswith(".scale")
+    outside = {names[i] for i in adamw if parameters[names[i]].dim() == 2 and not names[i].endswith(".scale")}
+    assert {"model.embed.weight"} <= outside and all("blocks" not in n and "coder." not in n for n in outside)
+    assert [g["name"] for g in optimizer.param_groups][-1] == MUON_GROUP
+
+
+def test_transform_groups_go_to_adamw_with_their_own_rate():
+    optimizer = configured(MODULES["lm-transform"]())["optimizer"]
+    scales = next(group for group in optimizer.adamw.param_groups if group["name"] == "scales")
+    assert scales["lr"] == 0.05 and scales["weight_decay"] == 0.0
+
+
+def test_each_group_gets_its_own_rate_and_the_same_schedule():
+    config = configured(LanguageModel(arch(), OptimizerConfig(**{**MUON, "warmup_steps": 4, "decay_steps": 12})))
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(14):
+        rates.append({group["name"]: group["lr"] for group in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    for step_rates in rates:
+        assert step_rates[MUON_GROUP] / step_rates["embeddings_head"] == pytest.approx(0.05 / 1e-3)
+    assert rates[3][MUON_GROUP] == pytest.approx(0.05) and rates[12][MUON_GROUP] == pytest.approx(0.005)
+
+
+def loss_of(module: LanguageModel) -> torch.Tensor:
+    tokens = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+    return module(tokens).logsumexp(-1).mean() - module(tokens)[..., 3].mean()
+
+
+def test_muon_updates_hidden_matrices_orthogonally_and_adamw_the_rest_as_adamw_alone():
+    """One step: each hidden matrix moves by lr * sqrt(max(1, rows/cols)) times an orthogonalised gradient
+    (the singular values of the update near 1 after five Newton-Schulz steps, where the gradient's spread
+    widely); the embedding moves
+    exactly as a plain AdamW with the same settings moves it."""
+    torch.manual_seed(0)
+    module = LanguageModel(arch(), OptimizerConfig(**MUON, weight_decay=0.0))
+    optimizer = configured(module)["optimizer"]
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    loss_of(module).backward()
+    gradients = {name: p.grad.clone() for name, p in module.named_parameters()}
+    reference = torch.optim.AdamW([before["model.embed.weight"].clone().requires_grad_()], lr=1e-3, weight_decay=0.0)
+    reference.param_groups[0]["params"][0].grad = gradients["model.embed.weight"]
+    reference.step()
+    optimizer.step()
+    after = dict(module.named_parameters())
+    torch.testing.assert_close(after["model.embed.weight"], reference.param_groups[0]["params"][0])
+    for name in ("model.blocks.0.self_attn.q_proj.weight", "model.blocks.1.mlp.in_proj.weight"):
+        rows, cols = before[name].shape
+        update = (before[name] - after[name].detach()) / (0.05 * max(1, rows / cols) ** 0.5)
+        # LayerNorm's outputs have zero mean, so a gradient may lack a direction: compare the ones it has.
+        spread = torch.linalg.svdvals(gradients[name])
+        rank = int((spread > 1e-3 * spread.max()).sum())
+        singular = torch.linalg.svdvals(update)[:rank]
+        assert rank >= min(rows, cols) - 1 and spread[0] / spread[rank - 1] > 5  # far from orthogonal
+        assert singular.min() > 0.5 and singular.max() < 1.3, (name, singular)
+
+
+def test_group_table_names_each_optimizer_group_and_rate():
+    table = group_table(configured(LanguageModel(arch(), OptimizerConfig(**MUON)))["optimizer"]).splitlines()
+    assert table[0].split() == ["optimizer", "group", "tensors", "parameters", "peak", "lr", "weight", "decay"]
+    rows = {line.split()[1]: line.split() for line in table[1:]}
+    assert rows[MUON_GROUP][0] == "muon" and rows[MUON_GROUP][4] == "0.05"
+    assert rows["embeddings_head"][0] == rows["norms_biases"][0] == "adamw" and rows["norms_biases"][4] == "0.001"
+    assert int(rows[MUON_GROUP][2]) == 2 * 5  # per block: q, kv and out projections, the MLP in and out
+    assert sum(int(row[3].replace(",", "")) for row in rows.values()) == sum(
+        p.numel() for p in LanguageModel(arch()).parameters()
+    )
+
+
+def test_adamw_alone_keeps_its_groups():
+    optimizer = configured(LanguageModel(arch()))["optimizer"]
+    assert type(optimizer) is torch.optim.AdamW
+    assert [group["name"] for group in optimizer.param_groups] == ["matrices", "norms_biases"]
+
+
+def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_resume_with_muon_is_exact_and_logs_a_rate_per_group(in_tmp: Path, corpus: Path):
+    """Five steps, then five more from last.ckpt, end with the weights of ten at once: Muon's momentum and
+    AdamW's moments both come back from the checkpoint."""
+    common = tiny_args(
+        corpus,
+        "--model.init_args.optimizer.name=muon",
+        "--model.init_args.optimizer.muon_lr=0.03",
+        "--model.init_args.optimizer.decay_steps=10",
+        "--trainer.log_every_n_steps=1",
+    )
+    assert run_cli("fit", *common, "--trainer.logger.init_args.name=straight") == 0
+    assert run_cli("fit", *common, "--trainer.max_steps=5", "--trainer.logger.init_args.name=resumed") == 0
+    resumed_args = ["--trainer.max_steps=10", "--trainer.logger.init_args.name=resumed", "--ckpt_path=last"]
+    assert run_cli("fit", *common, *resumed_args) == 0
+    straight = torch.load(in_tmp / "runs" / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(in_tmp / "runs" / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == straight["global_step"] == 10
+    for name, tensor in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    momentum = [state for state in resumed["optimizer_states"][0]["state"].values() if "momentum_buffer" in state]
+    assert momentum  # Muon's state is in the checkpoint
+    logged = scalars(in_tmp / "runs" / "straight")
+    muon, adamw = logged["lr-MuonWithAdamW/hidden_matrices"], logged["lr-MuonWithAdamW/embeddings_head"]
+    assert len(muon) == len(adamw) == 10
+    for (_, ours), (_, base) in zip(muon, adamw):
+        assert ours == pytest.approx(base * 0.03 / 3e-3, rel=1e-5)

@@ -1,0 +1,162 @@
+"""The optimizer factory: AdamW, or Muon for the hidden weight matrices with AdamW for the rest.
+
+``split_parameters`` sorts a network's trainable parameters into named groups (a network transform
+may claim some for groups of its own), ``build_optimizer`` makes the optimizer over them, and
+``group_table`` describes the result for the log. The learning-rate schedule is in schedule.py.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from xlab.errors import UserError
+from xlab.models.schedule import ScheduleShape
+
+MUON_GROUP = "hidden_matrices"  # the one group Muon steps; every other group is AdamW's
+ParameterGroup = dict[str, Any]
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer and its learning-rate schedule.
+
+    ``name: adamw``: AdamW over everything, decoupled weight decay on weight matrices only.
+    ``name: muon``: ``torch.optim.Muon`` (momentum, then the update orthogonalised by Newton-Schulz
+    steps) with its own ``muon_lr``, ``muon_momentum``, ``muon_weight_decay`` and ``muon_adjust_lr``
+    (torch's rule for scaling the rate by the matrix's shape) for the 2-D weight matrices inside the
+    blocks; AdamW with ``lr`` for the embeddings, the head, norms and biases, and for any group a
+    network transform claims (its rate and decay were chosen for AdamW).
+
+    The schedule (schedule.py) multiplies every group's rate alike: linear warm-up over
+    ``warmup_steps``, then ``cosine`` decay, or ``trapezoid`` (constant, then linear decay over the
+    last ``decay_fraction`` of the run), down to ``min_lr_ratio`` times the peak at ``decay_steps``.
+    ``decay_steps`` null: the run's last step, as the budget that ends it allows (horizon.py).
+    """
+
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    schedule: ScheduleShape = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("model.optimizer needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1 or self.muon_weight_decay < 0:
+            raise UserError("model.optimizer needs muon_lr > 0, 0 <= muon_momentum < 1 and muon_weight_decay >= 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"model.optimizer.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon and AdamW stepped as one optimizer.
+
+    Lightning's automatic optimization takes exactly one optimizer (a list needs manual
+    optimization, which would give up its gradient clipping, accumulation and closures). So the
+    two are one ``Optimizer``: its ``param_groups`` are AdamW's then Muon's, the same dicts, so the
+    LR scheduler, gradient clipping, ``zero_grad`` and the LR monitor see every group; its ``state``
+    is one dict the two share (their parameters are disjoint), so ``Optimizer``'s own
+    ``state_dict`` and ``load_state_dict`` save and restore both for checkpoints and resume.
+    """
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+        self.adamw, self.muon = adamw, muon
+        super().__init__([*adamw.param_groups, *muon.param_groups], defaults={})
+        self._share()
+
+    def _share(self) -> None:
+        """Point both optimizers at this one's groups and state (``load_state_dict`` replaces them)."""
+        count = len(self.adamw.param_groups)
+        self.adamw.param_groups, self.muon.param_groups = self.param_groups[:count], self.param_groups[count:]
+        self.adamw.state = self.muon.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
+
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.adamw.step()
+        self.muon.step()
+        return loss
+
+
+def split_parameters(
+    network: nn.Module, parameters: Iterable[nn.Parameter], config: OptimizerConfig, claimed: list[ParameterGroup]
+) -> list[ParameterGroup]:
+    """The trainable ``parameters`` in named groups, each in exactly one; ``claimed`` (a transform's) kept as given.
+
+    AdamW: ``matrices`` (weight decay) and ``norms_biases`` (none). Muon: ``hidden_matrices`` (the 2-D
+    weights inside the blocks, for Muon), then for AdamW ``embeddings_head`` (weight decay) and
+    ``norms_biases``.
+    """
+    owned = {id(parameter) for group in claimed for parameter in group["params"]}
+    rest = [p for p in parameters if p.requires_grad and id(p) not in owned]
+    decay, matrices = config.weight_decay, [p for p in rest if p.dim() >= 2]
+    vectors = {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "norms_biases"}
+    if config.name == "adamw":
+        return [{"params": matrices, "weight_decay": decay, "name": "matrices"}, vectors, *claimed]
+    outer = {id(p) for p in outer_parameters(network)}
+    return [
+        {"params": [p for p in matrices if id(p) not in outer], "name": MUON_GROUP},
+        {"params": [p for p in matrices if id(p) in outer], "weight_decay": decay, "name": "embeddings_head"},
+        vectors,
+        *claimed,
+    ]
+
+
+def outer_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """The weights outside the blocks: every embedding table (tokens, source tokens, learned positions) and the head."""
+    tables = [module.weight for module in network.modules() if isinstance(module, nn.Embedding)]
+    return [*tables, network.head.weight]
+
+
+def build_optimizer(groups: list[ParameterGroup], config: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW over ``groups``, or with ``name: muon`` Muon over the ``hidden_matrices`` group and AdamW over the
+    rest. ``fused``: AdamW's fused kernel."""
+    adamw_groups = [group for group in groups if group["name"] != MUON_GROUP or config.name == "adamw"]
+    adamw = torch.optim.AdamW(adamw_groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
+    if config.name == "adamw":
+        return adamw
+    muon = torch.optim.Muon(
+        [group for group in groups if group["name"] == MUON_GROUP],
+        lr=config.muon_lr,
+        momentum=config.muon_momentum,
+        weight_decay=config.muon_weight_decay,
+        adjust_lr_fn=config.muon_adjust_lr,
+    )
+    return MuonWithAdamW(adamw, muon)
+
+
+def group_table(optimizer: torch.optim.Optimizer) -> str:
+    """A short table of the parameter groups: which optimizer steps each, its size, peak rate and weight decay."""
+    muon = {id(group) for group in optimizer.muon.param_groups} if isinstance(optimizer, MuonWithAdamW) else set()
+    rows = [("optimizer", "group", "tensors", "parameters", "peak lr", "weight decay")]
+    for index, group in enumerate(optimizer.param_groups):
+        rows.append(
+            (
+                "muon" if id(group) in muon else "adamw",
+                group.get("name", f"group {index}"),
+                str(len(group["params"])),
+                f"{sum(p.numel() for p in group['params']):,}",
+                f"{group.get('initial_lr', group['lr']):.3g}",
+                f"{group['weight_decay']:g}",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
