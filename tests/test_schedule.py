@@ -62,6 +62,27 @@ def test_no_warmup_starts_at_the_peak():
     assert schedule(100) == 0.0
 
 
+def test_trapezoid_holds_the_peak_then_falls_linearly_over_the_last_fraction():
+    trapezoid = WarmupDecay(warmup_steps=WARMUP, decay_steps=DECAY, floor=FLOOR, shape="trapezoid", decay_fraction=0.2)
+    start = DECAY - 0.2 * DECAY  # 88
+    assert trapezoid(0) == pytest.approx(1 / WARMUP)
+    assert all(trapezoid(step) == 1.0 for step in range(WARMUP, int(start) + 1))
+    for step in range(int(start), DECAY + 1):
+        assert trapezoid(step) == pytest.approx(FLOOR + (1 - FLOOR) * (DECAY - step) / (DECAY - start), abs=1e-12)
+    assert trapezoid(DECAY) == FLOOR and trapezoid(10 * DECAY) == FLOOR
+
+
+def test_trapezoid_decay_never_starts_before_warmup_ends():
+    trapezoid = WarmupDecay(warmup_steps=WARMUP, decay_steps=DECAY, floor=0.0, shape="trapezoid", decay_fraction=1.0)
+    assert trapezoid(WARMUP) == 1.0
+    assert trapezoid((WARMUP + DECAY) // 2) == pytest.approx(0.5)
+
+
+def test_an_unknown_horizon_holds_the_peak_after_warmup():
+    for shape in ("cosine", "trapezoid"):
+        assert WarmupDecay(warmup_steps=2, decay_steps=math.inf, floor=FLOOR, shape=shape)(1000) == 1.0
+
+
 def test_lambda_lr_follows_the_schedule(schedule):
     """Inside LambdaLR the optimizer's lr at each step is peak * schedule(step)."""
     param = torch.nn.Parameter(torch.zeros(3))
@@ -185,7 +206,10 @@ def test_fused_adamw_unless_lightning_mixed_precision_would_refuse_clipping(mixe
     assert model.configure_optimizers()["optimizer"].defaults["fused"] is (not mixed)
 
 
-@pytest.mark.parametrize("options", [dict(lr=0.0), dict(warmup_steps=-1), dict(min_lr_ratio=1.5)])
+@pytest.mark.parametrize(
+    "options",
+    [dict(lr=0.0), dict(warmup_steps=-1), dict(min_lr_ratio=1.5), dict(muon_lr=0.0), dict(decay_fraction=0.0)],
+)
 def test_optimizer_config_validation(options):
     with pytest.raises(UserError):
         OptimizerConfig(**options)

@@ -6,11 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.conftest import WORDS
 from tests.test_generation import full_logits
-from xlab.data.tokenizer import EOS_ID
+from tests.test_hf import random_model, write_export
+from xlab.checkpoint import load_model
+from xlab.data.tokenizer import EOS_ID, train_tokenizer
 from xlab.errors import UserError
 from xlab.generation import GenerationConfig, beam_search, decode_sources
 from xlab.generation.engine import Rows
+from xlab.hf import export_hf
 from xlab.models.config import TransformerConfig
 from xlab.models.decoder import Decoder
 from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
@@ -185,3 +189,15 @@ def test_translator_cached_and_uncached_decoding_agree_with_every_switch(options
     assert [[ids for ids, _ in rows] for rows in cached] == [[ids for ids, _ in rows] for rows in uncached]
     for rows, reference in zip(cached, uncached):
         assert [score for _, score in rows] == pytest.approx([score for _, score in reference], abs=1e-4)
+
+
+def test_xlab_export_round_trip_keeps_every_switch_and_hugging_face_refuses_them_by_name(tmp_path):
+    loaded = random_model(train_tokenizer([" ".join(WORDS)] * 20, vocab_size=300), **ALL_SWITCHES)
+    write_export(loaded, tmp_path / "model.safetensors")
+    restored, _ = load_model(tmp_path / "model.safetensors")
+    assert {key: getattr(restored.config, key) for key in ALL_SWITCHES} == ALL_SWITCHES
+    ids = tokens(batch=3, time=16)
+    with torch.no_grad():
+        assert torch.equal(restored(ids), loaded.model(ids))
+    with pytest.raises(UserError, match="qk_norm=true .*logit_softcap=3.0"):
+        export_hf(tmp_path / "model.safetensors", tmp_path / "hf")
