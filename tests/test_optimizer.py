@@ -6,9 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
+from torch.utils.data import DataLoader
 
-from tests.conftest import run_cli, tiny_args
+from tests.test_horizon import batches as lm_batches
+from tests.test_loop import Recording
 from tests.test_transforms import ScaledLinears
 from xlab.models.config import TransformerConfig
 from xlab.models.lm import LanguageModel
@@ -126,35 +129,41 @@ def test_adamw_alone_keeps_its_groups():
     assert [group["name"] for group in optimizer.param_groups] == ["matrices", "norms_biases"]
 
 
-def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def test_resume_with_muon_is_exact_and_logs_a_rate_per_group(in_tmp: Path, corpus: Path):
-    """Five steps, then five more from last.ckpt, end with the weights of ten at once: Muon's momentum and
-    AdamW's moments both come back from the checkpoint."""
-    common = tiny_args(
-        corpus,
-        "--model.init_args.optimizer.name=muon",
-        "--model.init_args.optimizer.muon_lr=0.03",
-        "--model.init_args.optimizer.decay_steps=10",
-        "--trainer.log_every_n_steps=1",
+def fit_lm(root: Path, max_steps: int, ckpt_path: Path | None = None) -> tuple[LanguageModel, list[Recording]]:
+    """A tiny Muon-trained LM for ``max_steps`` with gradient clipping, saved to root/last.ckpt; the module and
+    the rate logs. Every batch is the same one, so where a resumed run picks up the data cannot matter."""
+    torch.manual_seed(0)
+    module = LanguageModel(arch(), OptimizerConfig(name="muon", lr=3e-3, muon_lr=0.03, warmup_steps=2, decay_steps=10))
+    loggers = [Recording(f"lr-MuonWithAdamW/{group}") for group in (MUON_GROUP, "embeddings_head")]
+    trainer = Trainer(
+        max_steps=max_steps,
+        gradient_clip_val=1.0,
+        callbacks=[LearningRateMonitor("step")],
+        logger=loggers,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=root,
     )
-    assert run_cli("fit", *common, "--trainer.logger.init_args.name=straight") == 0
-    assert run_cli("fit", *common, "--trainer.max_steps=5", "--trainer.logger.init_args.name=resumed") == 0
-    resumed_args = ["--trainer.max_steps=10", "--trainer.logger.init_args.name=resumed", "--ckpt_path=last"]
-    assert run_cli("fit", *common, *resumed_args) == 0
-    straight = torch.load(in_tmp / "runs" / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
-    resumed = torch.load(in_tmp / "runs" / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["global_step"] == straight["global_step"] == 10
-    for name, tensor in straight["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
-    momentum = [state for state in resumed["optimizer_states"][0]["state"].values() if "momentum_buffer" in state]
-    assert momentum  # Muon's state is in the checkpoint
-    logged = scalars(in_tmp / "runs" / "straight")
-    muon, adamw = logged["lr-MuonWithAdamW/hidden_matrices"], logged["lr-MuonWithAdamW/embeddings_head"]
-    assert len(muon) == len(adamw) == 10
-    for (_, ours), (_, base) in zip(muon, adamw):
+    trainer.fit(module, train_dataloaders=DataLoader(lm_batches(1) * 5, batch_size=None), ckpt_path=ckpt_path)
+    trainer.save_checkpoint(root / "last.ckpt")
+    return module, loggers
+
+
+def test_resume_with_muon_is_exact_and_logs_a_rate_per_group(tmp_path: Path):
+    """Five steps, then five more from the checkpoint, end with the weights of ten at once: Muon's momentum and
+    AdamW's moments both come back from the checkpoint. Each group's rate is logged, the ratio of the peaks."""
+    straight, loggers = fit_lm(tmp_path / "straight", 10)
+    fit_lm(tmp_path / "resumed", 5)
+    checkpoint = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=False)
+    assert any("momentum_buffer" in state for state in checkpoint["optimizer_states"][0]["state"].values())
+    resumed, _ = fit_lm(tmp_path / "resumed", 10, ckpt_path=tmp_path / "resumed" / "last.ckpt")
+    assert resumed.trainer.global_step == straight.trainer.global_step == 10
+    for (name, tensor), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(other, tensor, rtol=0, atol=1e-6, msg=name)
+    muon, adamw = loggers
+    assert len(muon.values) == len(adamw.values) == 10
+    for ours, base in zip(muon.values, adamw.values):
         assert ours == pytest.approx(base * 0.03 / 3e-3, rel=1e-5)
