@@ -58,7 +58,7 @@ def last_value(metrics_csv: Path, column: str) -> float:
     return float(values[-1])
 
 
-def xlab(*args: str) -> float:
+def run_xlab(*args: str) -> float:
     """Run ``./xlab.py ARGS`` in the repository; its wall seconds, or exit with its error."""
     started = time.monotonic()
     done = subprocess.run([sys.executable, str(ROOT / "xlab.py"), *args], cwd=ROOT)
@@ -72,9 +72,9 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace) -> Result:
     config = OLD_DEFAULT if variant == "old-default" else Path(args.recipe)
     name = f"{args.prefix}-{variant}-seed{seed}"
     common = ["-c", str(config), *VARIANTS[variant], *args.override, f"--seed_everything={seed}"]
-    seconds = xlab("fit", *common, f"--loop.stop_at={args.budget}", f"--trainer.logger.init_args.name={name}")
+    seconds = run_xlab("fit", *common, f"--loop.stop_at={args.budget}", f"--trainer.logger.init_args.name={name}")
     checkpoint = ROOT / "runs" / name / "checkpoints" / "last.ckpt"
-    xlab("test", *common, f"--ckpt_path={checkpoint}", f"--trainer.logger.init_args.name={name}-test")
+    run_xlab("test", *common, f"--ckpt_path={checkpoint}", f"--trainer.logger.init_args.name={name}-test")
     return Result(
         variant,
         seed,
