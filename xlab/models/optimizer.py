@@ -112,9 +112,10 @@ def split_parameters(
     if config.name == "adamw":
         return [{"params": matrices, "weight_decay": decay, "name": "matrices"}, vectors, *claimed]
     outer = {id(p) for p in outer_parameters(network)}
+    hidden = {id(p) for p in matrices if p.dim() == 2 and id(p) not in outer}  # Muon takes 2-D tensors only
     return [
-        {"params": [p for p in matrices if id(p) not in outer], "name": MUON_GROUP},
-        {"params": [p for p in matrices if id(p) in outer], "weight_decay": decay, "name": "embeddings_head"},
+        {"params": [p for p in matrices if id(p) in hidden], "name": MUON_GROUP},
+        {"params": [p for p in matrices if id(p) not in hidden], "weight_decay": decay, "name": "embeddings_head"},
         vectors,
         *claimed,
     ]
@@ -129,12 +130,12 @@ def outer_parameters(network: nn.Module) -> list[nn.Parameter]:
 def build_optimizer(groups: list[ParameterGroup], config: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
     """AdamW over ``groups``, or with ``name: muon`` Muon over the ``hidden_matrices`` group and AdamW over the
     rest. ``fused``: AdamW's fused kernel."""
-    adamw_groups = [group for group in groups if group["name"] != MUON_GROUP or config.name == "adamw"]
+    adamw_groups = [group for group in groups if group.get("name") != MUON_GROUP or config.name == "adamw"]
     adamw = torch.optim.AdamW(adamw_groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
     if config.name == "adamw":
         return adamw
     muon = torch.optim.Muon(
-        [group for group in groups if group["name"] == MUON_GROUP],
+        [group for group in groups if group.get("name") == MUON_GROUP],
         lr=config.muon_lr,
         momentum=config.muon_momentum,
         weight_decay=config.muon_weight_decay,
