@@ -23,7 +23,7 @@ from torch import nn
 
 from xlab.checkpoint import recorded_network
 from xlab.models.losses import next_token_loss
-from xlab.models.schedule import WarmupCosine
+from xlab.models.schedule import WarmupDecay
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = 1.0  # conf/defaults.yaml's trainer.gradient_clip_val
@@ -39,7 +39,7 @@ def token_file(directory: Path, vocab: int, tokens: int = 4_000_000) -> Path:
 def plain_loop_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    schedule: WarmupCosine,
+    schedule: WarmupDecay,
     tokens: Path,
     batch: int,
     context: int,

@@ -51,7 +51,7 @@ from loops import fit_tokens_per_second, plain_loop_step, token_file  # noqa: E4
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.lm import LanguageModel, OptimizerConfig  # noqa: E402
 from xlab.models.losses import next_token_loss  # noqa: E402
-from xlab.models.schedule import WarmupCosine  # noqa: E402
+from xlab.models.schedule import WarmupDecay  # noqa: E402
 
 Step = Callable[[], None]
 REFERENCE = "transformers GPT-2"
@@ -176,7 +176,7 @@ def step_rows(
     hf_step = training_step(lambda x: hf_model(input_ids=x).logits, hf_optimizer, tokens, autocast)
     steps = {MODEL_STEP: training_step(lm.model, optimizer, tokens, autocast), REFERENCE: hf_step}
     plain, plain_optimizer = fresh()
-    schedule = WarmupCosine(OptimizerConfig.warmup_steps, 10_000, OptimizerConfig.min_lr_ratio)
+    schedule = WarmupDecay(OptimizerConfig.warmup_steps, 10_000, OptimizerConfig.min_lr_ratio)
     data = token_file(directory, args.vocab)
     steps[PLAIN_LOOP] = plain_loop_step(
         plain.model, plain_optimizer, schedule, data, args.batch, args.context, device, autocast
