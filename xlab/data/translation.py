@@ -136,33 +136,7 @@ class TranslationDataModule(XLabDataModule):
         save_tokenizer(train_tokenizer(texts, self.vocab_size), path)
 
     def _encode(self, pairs: datasets.Dataset, source: Tokenizer, target: Tokenizer) -> datasets.Dataset:
-        limit, truncate = self.context_length, self.overlong == "truncate"
-
-        def encode(batch: dict[str, list[str]]) -> dict[str, list]:
-            rows = []
-            for text, translation, src, tgt in zip(
-                batch[SOURCE], batch[TARGET], source.encode_batch(batch[SOURCE]), target.encode_batch(batch[TARGET])
-            ):
-                long = len(src.ids) + 1 > limit or len(tgt.ids) + 1 > limit
-                if long and not truncate:
-                    continue
-                src_ids, tgt_ids = src.ids[: limit - 1] + [EOS_ID], [BOS_ID] + tgt.ids[: limit - 1] + [EOS_ID]
-                rows.append(
-                    {
-                        "source_ids": src_ids,
-                        "target_ids": tgt_ids,
-                        "truncated": long,
-                        "source_text": text,
-                        "reference": translation,
-                        "source_length": len(src_ids),
-                        "target_length": len(tgt_ids) - 1,
-                    }
-                )
-            return {column: [row[column] for row in rows] for column in ENCODED_COLUMNS}
-
-        return pairs.map(
-            encode, batched=True, batch_size=ENCODE_BATCH, remove_columns=[SOURCE, TARGET], desc="Encoding pairs"
-        )
+        return encode_pairs(pairs, source, target, self.context_length, self.overlong == "truncate")
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Pairs kept, dropped and truncated, and tokens per side, per split, as counted when the cache was written."""
@@ -195,6 +169,40 @@ class TranslationDataModule(XLabDataModule):
     @staticmethod
     def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_pairs(items)
+
+
+def encode_pairs(
+    pairs: datasets.Dataset, source: Tokenizer, target: Tokenizer, limit: int, truncate: bool
+) -> datasets.Dataset:
+    """Encode ``source`` / ``target`` columns into ``ENCODED_COLUMNS``: the encoder's tokens then end-of-sequence,
+    the decoder's start, tokens and end-of-sequence. A pair longer than ``limit`` tokens on either side is
+    dropped, or cut to fit with ``truncate``."""
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list]:
+        rows = []
+        for text, translation, src, tgt in zip(
+            batch[SOURCE], batch[TARGET], source.encode_batch(batch[SOURCE]), target.encode_batch(batch[TARGET])
+        ):
+            long = len(src.ids) + 1 > limit or len(tgt.ids) + 1 > limit
+            if long and not truncate:
+                continue
+            src_ids, tgt_ids = src.ids[: limit - 1] + [EOS_ID], [BOS_ID] + tgt.ids[: limit - 1] + [EOS_ID]
+            rows.append(
+                {
+                    "source_ids": src_ids,
+                    "target_ids": tgt_ids,
+                    "truncated": long,
+                    "source_text": text,
+                    "reference": translation,
+                    "source_length": len(src_ids),
+                    "target_length": len(tgt_ids) - 1,
+                }
+            )
+        return {column: [row[column] for row in rows] for column in ENCODED_COLUMNS}
+
+    return pairs.map(
+        encode, batched=True, batch_size=ENCODE_BATCH, remove_columns=[SOURCE, TARGET], desc="Encoding pairs"
+    )
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
