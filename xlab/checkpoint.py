@@ -131,14 +131,20 @@ def _build(path: Path, record: dict[str, Any], arch: dict[str, Any], weights: di
     """The network ``record`` (hyperparameters or export metadata) names, transforms applied, with ``weights``."""
     family, implementation = resolve(record, str(path))
     config = TransformerConfig(**arch)
-    model = family.build(config, implementation, from_records(record.get("transforms", []), str(path)))
-    if config.tie_embeddings:
-        weights = {name: tensor for name, tensor in weights.items() if name != TIED_WEIGHT}
+    transforms = from_records(record.get("transforms", []), str(path))
+    model = family.build(config, implementation, transforms, record.get("network_options"))
+    weights = {name: tensor for name, tensor in weights.items() if not is_tied(config, name)}
     model.to(next(iter(weights.values())).dtype)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or set(missing) - ({TIED_WEIGHT} if config.tie_embeddings else set()):
+    if unexpected or any(not is_tied(config, name) for name in missing):
         raise UserError(f"{path}: its weights do not match its recorded architecture")
     return model
+
+
+def is_tied(config: TransformerConfig, name: str) -> bool:
+    """Whether weight ``name`` is an output head tied to its embedding: kept once, as the embedding (a network
+    holding several translators, as a cycle translator's, has a head per translator)."""
+    return config.tie_embeddings and (name == TIED_WEIGHT or name.endswith("." + TIED_WEIGHT))
 
 
 def recorded_network(path: str | Path) -> dict[str, Any] | None:
@@ -169,7 +175,11 @@ def _load_export(path: Path) -> LoadedModel:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError):
         raise UserError(f"{path} is not a readable export: it is truncated or corrupt") from None
-    record = {**metadata, "transforms": json.loads(metadata.get("transforms", "[]"))}
+    record = {
+        **metadata,
+        "transforms": json.loads(metadata.get("transforms", "[]")),
+        "network_options": json.loads(metadata.get("network_options", "{}")),
+    }
     model = _build(path, record, json.loads(metadata["arch"]), weights)
     tokenizers = {
         key: _unpack_text(metadata[f"{key}_xz_base64"]) if f"{key}_xz_base64" in metadata else None
@@ -203,7 +213,7 @@ def export(
     tensors = {
         name: tensor.to(DTYPES[dtype]).contiguous()
         for name, tensor in model.state_dict().items()
-        if not (model.config.tie_embeddings and name == TIED_WEIGHT)
+        if not is_tied(model.config, name)
     }
     metadata = {
         "format": EXPORT_FORMAT,
@@ -211,6 +221,7 @@ def export(
         "implementation": family.implementation(model),
         "arch": json.dumps(asdict(model.config)),
         "transforms": json.dumps(record(model.transforms)),
+        "network_options": json.dumps(model.options()),
         "training": json.dumps(loaded.training),
     }
     tokenizers = loaded.tokenizers()

@@ -34,6 +34,13 @@ def tokens_in_batch(pl_module: LightningModule, batch: Any) -> int:
     return int(count(batch)) if callable(count) else batch["input"].numel()
 
 
+def optimizer_steps_in_batch(pl_module: LightningModule) -> int:
+    """How much a stepping batch adds to ``trainer.global_step``: one, or the module's
+    ``optimizer_steps_per_batch`` (under manual optimization Lightning counts every ``optimizer.step()``,
+    so a cycle translator updating each of its two directions once a batch adds two)."""
+    return int(getattr(pl_module, "optimizer_steps_per_batch", 1))
+
+
 def samples_in_batch(batch: Any) -> int:
     """Sequences in a batch: the length of its first tensor (every tensor of a batch has one per sequence)."""
     if isinstance(batch, Mapping):
@@ -52,8 +59,11 @@ class BatchCounts(NamedTuple):
 
 def count_batch(trainer: Trainer, pl_module: LightningModule, batch: Any) -> BatchCounts:
     """The samples and tokens of ``batch`` summed exactly over processes (one all-reduce under DDP): each
-    process counts its own batch, whose tokens (a translator's unpadded targets) differ from the others'."""
-    counts = (samples_in_batch(batch), tokens_in_batch(pl_module, batch))
+    process counts its own batch, whose tokens (a translator's unpadded targets) differ from the others'.
+    A module with a ``samples_in_batch(batch)`` counts its own samples (a cycle batch holds several parts)."""
+    count_samples = getattr(pl_module, "samples_in_batch", None)
+    samples = int(count_samples(batch)) if callable(count_samples) else samples_in_batch(batch)
+    counts = (samples, tokens_in_batch(pl_module, batch))
     if trainer.world_size > 1:
         summed = trainer.strategy.reduce(torch.tensor(counts, device=pl_module.device), reduce_op="sum")
         counts = tuple(summed.tolist())
@@ -174,14 +184,14 @@ class LoopControl(Callback):
         self.due, self.due_callbacks = set(), []
         self.stepping = not trainer.fit_loop._should_accumulate()
         if self.stepping:
-            self._decide(trainer)
+            self._decide(trainer, optimizer_steps_in_batch(pl_module))
         if self.validate_every is not None:
             trainer.val_check_batch = 1 if "validate" in self.due else NEVER
         if self.log_every is not None:
             trainer.log_every_n_steps = 1 if "log" in self.due else NEVER
 
-    def _decide(self, trainer: Trainer) -> None:
-        self.progress.steps = trainer.global_step + 1
+    def _decide(self, trainer: Trainer, steps: int) -> None:
+        self.progress.steps = trainer.global_step + steps
         self.progress.seconds = self._elapsed(trainer)
         before, self.decided = self.decided, replace(self.progress)
         self.history.append(self.decided)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from xlab.errors import UserError
 from xlab.models.config import TransformerConfig
+from xlab.models.cycle_networks import AdapterModel, SharedModel, TwoModels
 from xlab.models.decoder import Decoder
 from xlab.models.encoder_decoder import EncoderDecoder, TorchEncoderDecoder
 from xlab.models.network import Network, build_network
@@ -42,12 +43,13 @@ class Family:
         arch: TransformerConfig,
         implementation: str = DEFAULT_IMPLEMENTATION,
         transforms: Sequence[Transform] = (),
+        options: Mapping[str, Any] | None = None,
     ) -> Network:
-        """A new network of this family through ``build_network``."""
+        """A new network of this family through ``build_network``; ``options`` as ``Network.options`` records."""
         if implementation not in self.networks:
             known = ", ".join(self.networks)
             raise UserError(f"the {self.name} family has no implementation {implementation!r}: use one of {known}")
-        return build_network(self.networks[implementation], arch, transforms)
+        return build_network(self.networks[implementation], arch, transforms, options)
 
     def implementation(self, network: Network) -> str:
         """The implementation name of ``network``, an instance of one of this family's networks."""
@@ -71,6 +73,14 @@ FAMILIES: dict[str, Family] = {
             networks={"xlab": EncoderDecoder, "torch": TorchEncoderDecoder},
             inference="translate",
             tokenizers=("tokenizer", "source_tokenizer"),
+            export_formats=("xlab",),
+        ),
+        Family(
+            name="cycle",
+            module="xlab.models.cycle.CycleTranslator",
+            networks={"two_models": TwoModels, "shared": SharedModel, "adapters": AdapterModel},
+            inference="translate",
+            tokenizers=("tokenizer",),
             export_formats=("xlab",),
         ),
     )

@@ -9,7 +9,7 @@ benchmarks all build through it.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -77,6 +77,11 @@ class Network(nn.Module):
         place logits are made, so the loss, evaluation and generation all see the same ones."""
         return softcap(self.head(hidden), self.config.logit_softcap)
 
+    def options(self) -> dict[str, Any]:
+        """What rebuilds this network besides its architecture and transforms (JSON values, keyword arguments of
+        its constructor); recorded in checkpoints and exports. None for most networks."""
+        return {}
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``capacity`` positions, on this model's device and dtype."""
         cfg, weight = self.config, self.embed.weight
@@ -106,9 +111,15 @@ class Network(nn.Module):
 N = TypeVar("N", bound=Network)
 
 
-def build_network(network: type[N], arch: TransformerConfig, transforms: Sequence[Transform] = ()) -> N:
-    """A new ``network`` of architecture ``arch``, initialised, with ``transforms`` applied in order."""
-    model = network(arch)
+def build_network(
+    network: type[N],
+    arch: TransformerConfig,
+    transforms: Sequence[Transform] = (),
+    options: Mapping[str, Any] | None = None,
+) -> N:
+    """A new ``network`` of architecture ``arch`` (and a family's own ``options``, see ``Network.options``),
+    initialised, with ``transforms`` applied in order."""
+    model = network(arch, **(options or {}))
     apply_transforms(model, transforms)
     return model
 

@@ -41,6 +41,7 @@ class TrainingModule(LightningModule):
         transforms: Sequence[Transform] = (),
         implementation: str = DEFAULT_IMPLEMENTATION,
         compile: bool = False,
+        network_options: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -50,11 +51,12 @@ class TrainingModule(LightningModule):
                 "arch": asdict(arch),
                 "transforms": record(transforms),
                 "optimizer": asdict(optimizer),
+                **({"network_options": network_options} if network_options else {}),
             }
         )
         self.arch = arch
         self.optimizer_config = optimizer
-        self.model = FAMILIES[self.family].build(arch, implementation, transforms)
+        self.model = FAMILIES[self.family].build(arch, implementation, transforms, network_options)
         self.compile = compile
         self._compiled: nn.Module | None = None
         self.horizon: BudgetHorizon | None = None  # the schedule's, when it follows the run's budgets

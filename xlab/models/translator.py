@@ -4,6 +4,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
 from xlab.data.tokenizer import PAD_ID
@@ -111,28 +112,12 @@ class Translator(TrainingModule):
     def _log_epoch(self, stage: str) -> None:
         values = self.metrics[stage].compute()
         self.metrics[stage].reset()
-        outputs = self._gather(self.outputs)
+        outputs = gather_outputs(self.trainer, self.outputs)
         self.outputs = []
         _, hypotheses, references = zip(*outputs) if outputs else ((), (), ())
         values.update(corpus_scores(list(hypotheses), list(references)))
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=stage == "val")
-        self._write_examples(stage, outputs[: self.examples])
-
-    def _gather(self, outputs: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-        """Every process's (source, translation, reference) triples, in the same order on every process."""
-        if self.trainer.world_size == 1 or not dist.is_initialized():
-            return outputs
-        gathered: list[list[tuple[str, str, str]]] = [[] for _ in range(self.trainer.world_size)]
-        dist.all_gather_object(gathered, outputs)
-        return [triple for part in gathered for triple in part]
-
-    def _write_examples(self, stage: str, examples: list[tuple[str, str, str]]) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if not examples or not self.trainer.is_global_zero or not hasattr(experiment, "add_text"):
-            return
-        rows = [f"| {s} | {t} | {r} | {'yes' if t == r else 'no'} |" for s, t, r in examples]
-        table = "\n".join(["| source | translation | reference | exact |", "|---|---|---|---|", *rows])
-        experiment.add_text(f"{stage}/translations", table, self.global_step)
+        write_table(self, f"{stage}/translations", ("source", "translation", "reference"), outputs[: self.examples])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         """The translation of every source of the predict split, beside its reference."""
@@ -141,3 +126,23 @@ class Translator(TrainingModule):
             {"source": s, "translation": t, "reference": r}
             for s, t, r in zip(batch["source_text"], translations, batch["reference"])
         ]
+
+
+def gather_outputs(trainer: Trainer, outputs: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Every process's (source, translation, reference) triples, in the same order on every process."""
+    if trainer.world_size == 1 or not dist.is_initialized():
+        return outputs
+    gathered: list[list[tuple[str, str, str]]] = [[] for _ in range(trainer.world_size)]
+    dist.all_gather_object(gathered, outputs)
+    return [triple for part in gathered for triple in part]
+
+
+def write_table(module: LightningModule, tag: str, columns: Sequence[str], rows: list[tuple[str, str, str]]) -> None:
+    """A markdown table of (source, output, reference) rows in TensorBoard's text tab, with whether each is exact."""
+    experiment = getattr(module.logger, "experiment", None)
+    if not rows or not module.trainer.is_global_zero or not hasattr(experiment, "add_text"):
+        return
+    lines = [f"| {s} | {t} | {r} | {'yes' if t == r else 'no'} |" for s, t, r in rows]
+    header = f"| {' | '.join(columns)} | exact |"
+    table = "\n".join([header, "|---|---|---|---|", *lines])
+    experiment.add_text(tag, table, module.global_step)
