@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--file", help="read prompts from this file, one per line ('-': standard input)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--direction", help="for a model of several directions (a cycle translator): which one, e.g. it-en"
+    )
     parser.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     for spec in fields(GenerationConfig):
         default = spec.default if spec.default is not MISSING else spec.default_factory()
@@ -125,38 +128,52 @@ def print_results(prompts: list[str], results: list[list[Generation]], echo_prom
             print((prompt if echo_prompt else "") + generation.text)
 
 
+def choose_direction(loaded: LoadedModel, direction: str | None) -> torch.nn.Module:
+    """The network to run: the model, or for a model of several directions the one ``direction`` names."""
+    directions = getattr(loaded.model, "directions", None)
+    if directions is None:
+        if direction is not None:
+            raise UserError("--direction is for models that translate both ways (cycle translators): drop it")
+        return loaded.model
+    if direction not in directions:
+        wrong = f"has no direction {direction!r}" if direction else "translates both ways"
+        raise UserError(f"this model {wrong}: choose one with --direction ({' or '.join(directions)})")
+    return loaded.model.direction(direction)
+
+
 class Runner:
     """The loaded model's way of turning prompts into generations: continuation or translation."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, direction: str | None = None):
         self.loaded = loaded
         self.translating = loaded.family.inference == "translate"
+        self.model = choose_direction(loaded, direction)
 
     def check(self, prompts: list[str]) -> None:
         """Raise the UserError for the first empty or over-long prompt, before any output."""
         check = encode_source if self.translating else encode_prompt
         tokenizer = self.loaded.source_tokenizer if self.translating else self.loaded.tokenizer
         for index, prompt in enumerate(prompts):
-            check(tokenizer, prompt, index, self.loaded.model.config.max_positions)
+            check(tokenizer, prompt, index, self.model.config.max_positions)
 
     def __call__(
         self, prompts: list[str], config: GenerationConfig, on_step: Callable[[list[list[int]]], None] | None = None
     ) -> list[list[Generation]]:
         loaded = self.loaded
         if self.translating:
-            return translate(loaded.model, loaded.source_tokenizer, loaded.tokenizer, prompts, config, on_step)
-        return generate(loaded.model, loaded.tokenizer, prompts, config, on_step)
+            return translate(self.model, loaded.source_tokenizer, loaded.tokenizer, prompts, config, on_step)
+        return generate(self.model, loaded.tokenizer, prompts, config, on_step)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # prompts may follow options: CKPT --direction it-en TEXT
     try:
         options = {spec.name: getattr(args, spec.name) for spec in fields(GenerationConfig)}
         config = GenerationConfig(**options)
         prompts = read_prompts(args)
         loaded = load(args.checkpoint)
         loaded.model.to(resolve_device(args.device)).eval()
-        run = Runner(loaded)
+        run = Runner(loaded, args.direction)
         run.check(prompts)
         stream = not args.no_stream and len(prompts) == 1 and config.num_beams == 1 and config.num_return_sequences == 1
         if stream:

@@ -115,6 +115,8 @@ def describe(path: Path, loaded: LoadedModel) -> str:
     for name, parameter in model.named_parameters():
         by_module[".".join(name.split(".")[:2]) if name.startswith(STACKS) else name.split(".")[0]] += parameter.numel()
     lines += [f"  {name:<12}{count:>14,}" for name, count in by_module.items()]
+    if getattr(model, "directions", None):
+        lines.append("directions  " + ", ".join(model.directions))
     if model.transforms:
         lines.append("transforms  " + ", ".join(map(repr, model.transforms)))
     specials = sum(token.special for token in loaded.tokenizer.get_added_tokens_decoder().values())

@@ -80,7 +80,7 @@ FAMILIES: dict[str, Family] = {
             module="xlab.models.cycle.CycleTranslator",
             networks={"two_models": TwoModels, "shared": SharedModel, "adapters": AdapterModel},
             inference="translate",
-            tokenizers=("tokenizer",),
+            tokenizers=("tokenizer", "source_tokenizer"),
             export_formats=("xlab",),
         ),
     )
