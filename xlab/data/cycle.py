@@ -11,6 +11,7 @@ every sentence of the val, test and paired sets removed.
 
 import functools
 import json
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -298,19 +299,30 @@ class PoolStreams:
     next pass inside a batch, so no pool waits for another and none stops the others (as a zip
     stopping at the shortest would). Under DDP each process takes every ``world_size``-th item of
     each permutation. ``state_dict`` is the items taken from each pool, from which the position in
-    every stream follows, so a resumed run continues with the very next batch.
+    every stream follows, so a resumed run continues with the very next batch. It leaves out the
+    last ``ahead`` batches handed out: Lightning's loop fetches one batch ahead of the one it trains.
     """
 
     def __init__(
-        self, pools: dict[str, tuple[Dataset, int, Callable[[list[Any]], Any]]], seed: int, rank: int, world_size: int
+        self,
+        pools: dict[str, tuple[Dataset, int, Callable[[list[Any]], Any]]],
+        seed: int,
+        rank: int,
+        world_size: int,
+        ahead: int = 1,
     ):
         self.pools, self.seed, self.rank, self.world_size = pools, seed, rank, world_size
         self.taken = {name: 0 for name in pools}
         self.orders: dict[tuple[str, int], np.ndarray] = {}
+        self.history: deque[dict[str, int]] = deque([dict(self.taken)], maxlen=ahead + 1)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.history.clear()
+        self.history.append(dict(self.taken))
         while True:
-            yield {name: collate(self._take(name, size)) for name, (_, size, collate) in self.pools.items()}
+            batch = {name: collate(self._take(name, size)) for name, (_, size, collate) in self.pools.items()}
+            self.history.append(dict(self.taken))
+            yield batch
 
     def _take(self, name: str, size: int) -> list[Any]:
         dataset = self.pools[name][0]
@@ -331,7 +343,10 @@ class PoolStreams:
         return self.orders[name, epoch]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"taken": dict(self.taken)}
+        """The items each pool had given when the last batch trained on was drawn."""
+        return {"taken": dict(self.history[0])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.taken = {name: state["taken"].get(name, 0) for name in self.pools}
+        self.history.clear()
+        self.history.append(dict(self.taken))

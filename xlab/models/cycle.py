@@ -155,8 +155,8 @@ class CycleTranslator(TrainingModule):
                 eps=config.eps,
                 fused=self._fused_optimizer_allowed(),
             )
-            # this optimizer's share of the run's updates
-            steps = int(total) if config.decay_steps else int(total) * len(directions) // len(self.optimizer_of)
+            # decay_steps counts the run's updates, of which this optimizer makes its directions' share
+            steps = int(total) * len(directions) // len(self.optimizer_of)
             schedule = WarmupCosine(config.warmup_steps, max(steps, 1), config.min_lr_ratio)
             optimizers.append(optimizer)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

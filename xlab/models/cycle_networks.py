@@ -138,10 +138,19 @@ class LanguageTagged(nn.Module):
     def encode(self, source: Tensor, source_padding: Tensor | None = None) -> Tensor:
         return self.model.encode(*self.tagged(source, source_padding))
 
-    def decode(self, target: Tensor, memory: Tensor, source_padding: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def decode(
+        self,
+        target: Tensor,
+        memory: Tensor,
+        source_padding: Tensor | None = None,
+        positions: Tensor | None = None,
+        padding: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """As ``EncoderDecoder.decode``; ``source_padding`` as the caller knows it, without the tag's position."""
         if source_padding is not None and source_padding.size(1) != memory.size(1):
             source_padding = torch.cat([source_padding[:, :1] & False, source_padding], 1)
-        return self.model.decode(target, memory, source_padding, **kwargs)
+        return self.model.decode(target, memory, source_padding, positions, padding, cache)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return self.model.new_cache(batch, capacity)

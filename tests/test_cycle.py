@@ -1,0 +1,265 @@
+"""The cycle translator: who gets gradients and who changes in each update, adapters, losses, accumulation,
+resume, step counting, diagnostics, export and inference by direction, and its errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from xlab.checkpoint import export, load
+from xlab.data.cycle import CycleDataModule
+from xlab.data.pairs import NumberPhrases
+from xlab.errors import UserError
+from xlab.infer_cli import main as infer
+from xlab.manage_cli import main as manage
+from xlab.models.config import TransformerConfig
+from xlab.models.cycle import CycleTranslator, Mixing, micro_batches
+from xlab.models.cycle_adapters import DirectionAdapters, merged_direction
+from xlab.models.cycle_synthetic import Diagnostics, SyntheticSources, is_copy
+from xlab.models.training import OptimizerConfig
+
+ADAPTERS = DirectionAdapters(rank=2, alpha=4.0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> CycleDataModule:
+    module = CycleDataModule(
+        NumberPhrases(size=400, kinds=("cardinal",)),
+        paired_size=16,
+        val_size=8,
+        test_size=8,
+        vocab_size=300,
+        batch_size=4,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    module.prepare_data()
+    return module
+
+
+def arch(data: CycleDataModule) -> TransformerConfig:
+    return TransformerConfig(n_layers=1, d_model=32, n_heads=2, **data.model_shapes())
+
+
+def translator(data: CycleDataModule, **options) -> CycleTranslator:
+    torch.manual_seed(0)
+    settings = {
+        "optimizer": OptimizerConfig(lr=1e-2, warmup_steps=0),
+        "synthetic": SyntheticSources(length_scale=1.0, length_offset=2, without_eos="keep"),
+        "max_new_tokens": 8,
+        "examples": 0,
+    }
+    return CycleTranslator(arch(data), **{**settings, **options})
+
+
+def trainer(steps: int, root: Path | None = None, **options) -> Trainer:
+    settings = {
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "default_root_dir": root,
+    }
+    return Trainer(**{**settings, **options})
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+class Recording(CycleTranslator):
+    """Records every parameter before and after each direction's update, and which got gradients."""
+
+    def _update(self, direction, batch):
+        before = weights(self.network)
+        loss = super()._update(direction, batch)
+        self.updates.append((direction, before, weights(self.network)))
+        return loss
+
+    def clip_gradients(self, optimizer, **options):
+        self.gradients.append({n for n, p in self.network.named_parameters() if p.grad is not None})
+        super().clip_gradients(optimizer, **options)
+
+
+def record_one_batch(data: CycleDataModule, **options) -> Recording:
+    torch.manual_seed(0)
+    module = Recording(
+        arch(data),
+        optimizer=OptimizerConfig(lr=1e-2, warmup_steps=0),
+        synthetic=SyntheticSources(length_scale=1.0, length_offset=2, without_eos="keep"),
+        mixing=Mixing(paired_weight=0.0),
+        max_new_tokens=8,
+        examples=0,
+        **options,
+    )
+    module.updates, module.gradients = [], []
+    trainer(2).fit(module, data)
+    return module
+
+
+def changed(before: dict, after: dict, prefix: str = "") -> set[str]:
+    return {n for n in before if n.startswith(prefix) and not torch.equal(before[n], after[n])}
+
+
+def test_two_models_only_the_trainee_gets_gradients_and_changes(data: CycleDataModule):
+    module = record_one_batch(data)
+    assert [direction for direction, _, _ in module.updates] == ["en-it", "it-en"]
+    for (direction, before, after), gradients in zip(module.updates, module.gradients):
+        other = module.network.reverse(direction)
+        assert gradients and all(name.startswith(f"models.{direction}.") for name in gradients)
+        assert not changed(before, after, f"models.{other}.")  # the generating direction: bit-identical
+        assert changed(before, after, f"models.{direction}.")
+
+
+def test_adapters_with_a_frozen_base_change_only_the_trainee_adapter(data: CycleDataModule):
+    module = record_one_batch(data, implementation="adapters", transforms=[ADAPTERS])
+    for (direction, before, after), gradients in zip(module.updates, module.gradients):
+        other = module.network.reverse(direction)
+        assert gradients and all(f".{direction}." in name for name in gradients)
+        moved = changed(before, after)
+        assert moved and all(f".{direction}." in name for name in moved)
+        assert not any(f".{other}." in name for name in moved)
+
+
+def test_shared_topology_trains_one_model_with_one_optimizer(data: CycleDataModule):
+    module = record_one_batch(data, implementation="shared")
+    assert module.optimizer_of == {"en-it": 0, "it-en": 0}
+    for _, before, after in module.updates:
+        assert changed(before, after, "model.")
+
+
+def test_a_batch_counts_one_step_per_direction_update(data: CycleDataModule):
+    module = translator(data)
+    run = trainer(4)
+    run.fit(module, data)
+    assert run.global_step == 4 and run.fit_loop.epoch_loop.batch_progress.total.completed == 2
+    assert run.train_dataloader.state_dict()["taken"]["en"] == 2 * data.batch_size
+
+
+def test_adapters_switch_and_each_direction_computes_with_its_own(data: CycleDataModule):
+    module = translator(data, implementation="adapters", transforms=[ADAPTERS])
+    network = module.network
+    with torch.no_grad():
+        for direction, scale in zip(network.directions, (0.5, 0.7)):
+            for parameter in network.adapter_parameters(direction):
+                parameter.normal_(0, scale)
+    source, target = torch.randint(3, 100, (2, 5)), torch.randint(3, 100, (2, 4))
+    network.eval()
+    outputs = {d: network.direction(d)(source, target) for d in (*network.directions, network.directions[0])}
+    forward, backward = network.directions
+    assert not torch.allclose(outputs[forward], outputs[backward])
+    assert torch.equal(network.direction(forward)(source, target), outputs[forward])  # after switching back
+    for direction in network.directions:
+        plain = merged_direction(network.model, direction).eval()
+        torch.testing.assert_close(plain(source, target), network.direction(direction)(source, target))
+
+
+def test_padding_never_reaches_the_loss_and_k_micro_batches_equal_one_batch(data: CycleDataModule):
+    data.setup("fit")
+    pairs = next(iter(data.train_dataloader()))["en-it"]
+    padded = {key: value for key, value in pairs.items()}
+    for key in ("source", "target_input", "target"):
+        padded[key] = torch.cat([pairs[key], torch.full_like(pairs[key][:, :2], 0)], 1)
+    for key in ("source_padding", "target_padding"):
+        padded[key] = torch.cat([pairs[key], torch.ones_like(pairs[key][:, :2])], 1)
+    gradients = []
+    for accumulate, batch in ((1, pairs), (1, padded), (3, padded)):
+        module = translator(data, accumulate=accumulate)
+        module._trainer = trainer(1)
+        module._trainer.strategy.connect(module)
+        loss = module._backward("en-it", batch, 1.0)
+        gradients.append(
+            (loss, {n: p.grad.clone() for n, p in module.network.named_parameters() if p.grad is not None})
+        )
+    (loss, reference), *others = gradients
+    assert len(list(micro_batches(padded, 3))) == 3
+    for other_loss, other in others:
+        assert other_loss == pytest.approx(loss, rel=1e-5) and other.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(other[name], reference[name], atol=1e-6, rtol=1e-4)
+
+
+def test_resume_mid_run_repeats_no_step_and_ends_with_the_same_weights(data: CycleDataModule, tmp_path: Path):
+    schedule = OptimizerConfig(lr=1e-2, warmup_steps=2, decay_steps=6)  # the same however far a run goes
+    whole = translator(data, optimizer=schedule)
+    trainer(6).fit(whole, data)
+    first = translator(data, optimizer=schedule)
+    interrupted = trainer(2, tmp_path)
+    interrupted.fit(first, data)
+    interrupted.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed_module = translator(data, optimizer=schedule)
+    resumed = trainer(6, tmp_path)
+    resumed.fit(resumed_module, data, ckpt_path=tmp_path / "mid.ckpt")
+    assert resumed.global_step == 6 and resumed.train_dataloader.state_dict()["taken"]["en"] == 3 * data.batch_size
+    for name, value in weights(whole).items():
+        torch.testing.assert_close(weights(resumed_module)[name], value, atol=0, rtol=0)
+
+
+def test_a_cold_start_reports_its_copy_rate(data: CycleDataModule):
+    module = translator(data, mixing=Mixing(paired_weight=0.0))
+    run = trainer(2, log_every_n_steps=1)
+    run.fit(module, data)
+    metrics = run.logged_metrics
+    for direction in ("en-it", "it-en"):
+        for name in ("copy_rate", "eos_rate", "length_ratio", "dropped"):
+            assert f"train/{direction}/{name}" in metrics
+        assert f"train/{direction}/cycle_loss" in metrics and f"train/{direction}/paired_loss" not in metrics
+
+
+def test_diagnostics_count_copies_lengths_and_endings():
+    diagnostics = Diagnostics()
+    diagnostics.add("trecento", "trecento", 3, 3, True, True)
+    diagnostics.add("trecentouno", "trecentounò", 4, 4, False, False)
+    diagnostics.add("three", "tre", 2, 4, True, True)
+    rates = diagnostics.rates()
+    assert rates == {"copy_rate": 2 / 3, "eos_rate": 2 / 3, "length_ratio": 9 / 11, "dropped": 1.0}
+    assert not is_copy("three hundred", "trecento")
+
+
+def test_noise_drops_fills_and_shuffles_locally():
+    import random
+
+    tokens = list(range(10, 60))
+    assert SyntheticSources().noise(tokens, random.Random(0)) == tokens
+    shuffled = SyntheticSources(shuffle_distance=3).noise(tokens, random.Random(0))
+    assert sorted(shuffled) == tokens and shuffled != tokens
+    assert all(abs(shuffled.index(t) - i) <= 3 for i, t in enumerate(tokens))
+    dropped = SyntheticSources(word_drop=0.5).noise(tokens, random.Random(0))
+    assert 10 < len(dropped) < 40 and dropped == sorted(dropped)
+
+
+def test_export_inspect_and_infer_carry_both_directions(data: CycleDataModule, tmp_path: Path, capsys):
+    module = translator(data, implementation="shared")
+    run = trainer(2, tmp_path)
+    run.fit(module, data)
+    run.save_checkpoint(tmp_path / "cycle.ckpt")
+    exported = export(tmp_path / "cycle.ckpt", tmp_path / "cycle.safetensors")
+    loaded = load(exported)
+    assert loaded.model.directions == ("en-it", "it-en")
+    for name, value in module.network.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value)
+    assert manage(["inspect", str(exported)]) == 0 and "directions  en-it, it-en" in capsys.readouterr().out
+    assert infer([str(exported), "--direction", "it-en", "trecento", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert infer([str(exported), "trecento"]) == 2
+    assert "choose one with --direction (en-it or it-en)" in capsys.readouterr().err
+    assert infer([str(exported), "--direction", "de-it", "trecento"]) == 2
+    assert "has no direction 'de-it'" in capsys.readouterr().err
+    assert manage(["export-checkpoint", str(tmp_path / "cycle.ckpt"), "--format", "hf"]) == 2
+    assert "cycle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"implementation": "two_models", "transforms": [ADAPTERS]}, "DirectionAdapters are for the adapters"),
+        ({"implementation": "adapters"}, "needs xlab.models.cycle_adapters.DirectionAdapters"),
+        ({"mixing": Mixing(denoising_weight=1.0)}, "denoising_weight is for the shared topology"),
+        ({"init_from": {"en-de": "x.ckpt"}}, "has no direction 'en-de'"),
+    ],
+)
+def test_bad_model_settings_are_one_clear_error(data: CycleDataModule, options: dict, message: str):
+    with pytest.raises(UserError, match=message):
+        translator(data, **options)
