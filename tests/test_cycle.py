@@ -18,6 +18,7 @@ from xlab.models.cycle import CycleTranslator, Mixing, micro_batches
 from xlab.models.cycle_adapters import DirectionAdapters, merged_direction
 from xlab.models.cycle_synthetic import Diagnostics, SyntheticSources, is_copy
 from xlab.models.training import OptimizerConfig
+from xlab.models.translator import Translator
 
 ADAPTERS = DirectionAdapters(rank=2, alpha=4.0)
 
@@ -263,3 +264,65 @@ def test_export_inspect_and_infer_carry_both_directions(data: CycleDataModule, t
 def test_bad_model_settings_are_one_clear_error(data: CycleDataModule, options: dict, message: str):
     with pytest.raises(UserError, match=message):
         translator(data, **options)
+
+
+class PartsRecording(CycleTranslator):
+    """Records which losses each update mixed."""
+
+    def _loss_parts(self, direction, batch):
+        parts = super()._loss_parts(direction, batch)
+        self.parts.append((self.global_step, direction, sorted(parts)))
+        return parts
+
+
+def test_paired_warm_up_then_cycle_and_denoising_for_shared(data: CycleDataModule):
+    torch.manual_seed(0)
+    mixing = Mixing(cycle_start=2, denoising_weight=0.5)
+    keep = SyntheticSources(without_eos="keep", length_offset=2)  # a cold start ends no translation
+    module = PartsRecording(arch(data), implementation="shared", mixing=mixing, synthetic=keep, examples=0)
+    module.parts = []
+    trainer(4).fit(module, data)
+    assert module.parts == [
+        (0, "en-it", ["denoising", "paired"]),
+        (1, "it-en", ["denoising", "paired"]),
+        (2, "en-it", ["cycle", "denoising", "paired"]),
+        (3, "it-en", ["cycle", "denoising", "paired"]),
+    ]
+
+
+def test_paired_weight_ramps_linearly_then_holds():
+    mixing = Mixing(paired_weight=1.0, paired_weight_end=0.2, paired_ramp_steps=100)
+    assert [mixing.paired(step) for step in (0, 50, 100, 500)] == pytest.approx([1.0, 0.6, 0.2, 0.2])
+    assert Mixing(paired_weight=0.3).paired(10_000) == 0.3
+
+
+def write_translator_checkpoint(data: CycleDataModule, path: Path) -> Translator:
+    """A paired-only translator of the same shape and tokenizer, as a training checkpoint."""
+    torch.manual_seed(1)
+    paired = Translator(arch(data))
+    state = {f"model.{name}": value for name, value in paired.model.state_dict().items()}
+    torch.save(
+        {"state_dict": state, "hyper_parameters": dict(paired.hparams), "data": {"tokenizer": data.tokenizer.to_str()}},
+        path,
+    )
+    return paired
+
+
+@pytest.mark.parametrize("implementation", ["two_models", "shared"])
+def test_initialisation_from_a_paired_only_translator(data: CycleDataModule, tmp_path: Path, implementation: str):
+    data.setup("fit")
+    paired = write_translator_checkpoint(data, tmp_path / "paired.ckpt")
+    module = translator(data, implementation=implementation, init_from={"it-en": str(tmp_path / "paired.ckpt")})
+    untouched = weights(module.network)
+    module._initialise_from_translators(data)
+    if implementation == "two_models":
+        source, target = torch.randint(3, 100, (2, 5)), torch.randint(3, 100, (2, 4))
+        paired.model.eval(), module.network.eval()
+        torch.testing.assert_close(module.network.direction("it-en")(source, target), paired.model(source, target))
+        assert not changed(untouched, weights(module.network), "models.en-it.")
+        return
+    shared = module.network.model.state_dict()
+    for name, value in paired.model.state_dict().items():
+        assert torch.equal(shared[name][: len(value)], value)
+    # the rows a translator lacks (language tokens, one more position) keep their own initialisation
+    assert torch.equal(shared["source_embed.weight"][-2:], untouched["model.source_embed.weight"][-2:])
