@@ -1,0 +1,120 @@
+"""The cycle-consistency experiment: paired-only training against back-translation, per topology, over seeds.
+
+Every variant trains conf/cycle.yaml's model on the same ``paired_size`` pairs for the same budget
+(``--stop-at``, wall time by default, and ``--max-steps``), then tests its best checkpoint (by
+paired val chrF) on the paired test set; the table gives, per direction, test exact match and
+chrF as mean and standard deviation over ``--seeds``.
+
+- ``paired``: the pairs only (the cycle loss weighs 0).
+- ``two_models``, ``shared``, ``adapters``: the pairs plus back-translation on the monolingual
+  pools (adapters with a trained base: from random weights a frozen base learns nothing).
+- ``sample``, ``noised``: ``--best``'s topology with sampled or noised (word drop, filler,
+  local shuffle) synthetic sources instead of greedy ones.
+- ``cold``: no pairs at all, to show what happens (the copy rate is in each run's metrics).
+
+Overrides after ``--`` go to every run, e.g. a smaller data set for a smoke test:
+
+    python bench/cycle.py --seeds 0 1 2 --stop-at "15 min"
+    python bench/cycle.py --variants paired shared --seeds 0 --max-steps 8 --stop-at "1 min" -- \\
+        --data.init_args.source.init_args.size=2000 --data.init_args.val_size=32 --data.init_args.test_size=32
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xlab.cli import XLabCLI, quiet_third_party_noise  # noqa: E402
+
+DIRECTIONS = ("en-it", "it-en")
+ADAPTERS = "[{class_path: xlab.models.cycle_adapters.DirectionAdapters, init_args: {train_base: true}}]"
+TOPOLOGIES = {
+    "two_models": ["--model.init_args.implementation=two_models"],
+    "shared": ["--model.init_args.implementation=shared"],
+    "adapters": ["--model.init_args.implementation=adapters", f"--model.init_args.transforms={ADAPTERS}"],
+}
+SYNTHETIC = {
+    "sample": ["--model.init_args.synthetic.strategy=sample", "--model.init_args.synthetic.top_k=10"],
+    "noised": [
+        "--model.init_args.synthetic.word_drop=0.1",
+        "--model.init_args.synthetic.filler=0.1",
+        "--model.init_args.synthetic.shuffle_distance=3",
+    ],
+}
+VARIANTS = ("paired", *TOPOLOGIES, *SYNTHETIC, "cold")
+
+
+def variant_overrides(variant: str, best: str) -> list[str]:
+    if variant == "paired":
+        return [*TOPOLOGIES["two_models"], "--model.init_args.mixing.cycle_weight=0"]
+    if variant == "cold":
+        return [
+            *TOPOLOGIES[best],
+            "--data.init_args.paired_size=0",
+            "--model.init_args.mixing.cycle_start=0",
+            "--model.init_args.mixing.paired_weight=0",
+        ]
+    return TOPOLOGIES.get(variant) or [*TOPOLOGIES[best], *SYNTHETIC[variant]]
+
+
+def run(variant: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """Train one variant with one seed, test its best checkpoint; the test metrics and the wall seconds."""
+    name = f"bench-cycle-{args.tag}/{variant}-seed{seed}"
+    overrides = [
+        f"--seed_everything={seed}",
+        f"--model.init_args.seed={seed}",
+        f"--trainer.max_steps={args.max_steps}",
+        f"--loop.stop_at={args.stop_at}",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.enable_progress_bar=false",
+        *args.overrides,
+        *variant_overrides(variant, args.best),  # last: what makes the variant wins over the common overrides
+    ]
+    started = time.monotonic()
+    cli = XLabCLI(["fit", "-c", str(ROOT / "conf" / "cycle.yaml"), *overrides])
+    seconds = time.monotonic() - started
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    metrics = {key: float(value) for key, value in cli.trainer.callback_metrics.items() if key.startswith("test/")}
+    return {**metrics, "seconds": seconds}
+
+
+def spread(values: list[float], scale: float = 1.0) -> str:
+    mean = statistics.fmean(values) * scale
+    return f"{mean:6.1f} ± {statistics.stdev(values) * scale:4.1f}" if len(values) > 1 else f"{mean:6.1f}       "
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    columns = [f"{d} {m}" for d in DIRECTIONS for m in ("exact %", "chrF")]
+    lines = [f"{'variant':<12} {'seeds':>5} {'minutes':>8}  " + "  ".join(f"{c:>14}" for c in columns)]
+    for variant, runs in results.items():
+        cells = []
+        for direction in DIRECTIONS:
+            cells.append(spread([r[f"test/{direction}/exact_match"] for r in runs], 100))
+            cells.append(spread([r[f"test/{direction}/chrf"] for r in runs]))
+        minutes = statistics.fmean(r["seconds"] for r in runs) / 60
+        lines.append(f"{variant:<12} {len(runs):>5} {minutes:>8.1f}  " + "  ".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--best", choices=tuple(TOPOLOGIES), default="two_models", help="topology of sample/noised/cold")
+    parser.add_argument("--stop-at", default="15 min", help="each run's budget (loop.stop_at)")
+    parser.add_argument("--max-steps", type=int, default=100_000, help="and its step limit (trainer.max_steps)")
+    parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="runs go to runs/bench-cycle-TAG/")
+    parser.add_argument("overrides", nargs="*", help="after --: xlab.py overrides for every run")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # each run's options go to the CLI as its args, not through sys.argv
+    quiet_third_party_noise()
+    results = {variant: [run(variant, seed, args) for seed in args.seeds] for variant in args.variants}
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
