@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--best", choices=tuple(TOPOLOGIES), default="two_models", help="topology of sample/noised/cold")
+    parser.add_argument("--best", choices=tuple(TOPOLOGIES), default="two_models", help="sample/noised/cold topology")
     parser.add_argument("--stop-at", default="15 min", help="each run's budget (loop.stop_at)")
     parser.add_argument("--max-steps", type=int, default=100_000, help="and its step limit (trainer.max_steps)")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="runs go to runs/bench-cycle-TAG/")

@@ -198,10 +198,19 @@ def test_resume_mid_run_repeats_no_step_and_ends_with_the_same_weights(data: Cyc
         torch.testing.assert_close(weights(resumed_module)[name], value, atol=0, rtol=0)
 
 
-def test_a_cold_start_reports_its_copy_rate(data: CycleDataModule):
-    module = translator(data, mixing=Mixing(paired_weight=0.0))
+def test_a_cold_start_reports_its_copy_rate(tmp_path: Path):
+    unpaired = CycleDataModule(
+        NumberPhrases(size=400, kinds=("cardinal",)),
+        paired_size=0,
+        val_size=8,
+        test_size=8,
+        vocab_size=300,
+        batch_size=4,
+        cache_dir=str(tmp_path),
+    )
+    module = translator(unpaired)
     run = trainer(2, log_every_n_steps=1)
-    run.fit(module, data)
+    run.fit(module, unpaired)
     metrics = run.logged_metrics
     for direction in ("en-it", "it-en"):
         for name in ("copy_rate", "eos_rate", "length_ratio", "dropped"):

@@ -180,7 +180,9 @@ class CycleDataModule(XLabDataModule):
         for name in PAIRED:
             for direction, pairs in zip(self.directions, (corpora[name], _swapped(corpora[name]))):
                 encoded = encode_pairs(pairs, tokenizer, tokenizer, limit, truncate)
-                yield f"{name}-{direction}", encoded.rename_column("target_length", "length")
+                if len(encoded):  # an empty set (no pairs: a cold start) has no columns
+                    encoded = encoded.rename_column("target_length", "length")
+                yield f"{name}-{direction}", encoded
 
     def _train_tokenizer(self) -> None:
         with one_at_a_time(self.tokenizer_path):
@@ -215,7 +217,9 @@ class CycleDataModule(XLabDataModule):
         if stage == "fit":
             names += [*self.languages, *(f"paired-{d}" for d in self.directions)]
         for name in names:
-            if stats[name]["rows"] == 0 and not name.startswith("paired"):
+            if stats[name]["rows"] == 0 and name.startswith("paired"):
+                continue  # no pairs: cycle training alone (a cold start)
+            if stats[name]["rows"] == 0:
                 raise UserError(
                     f"the {name} set has nothing within {self.context_length} tokens: raise data.context_length, "
                     "or set data.overlong to truncate"
@@ -228,8 +232,8 @@ class CycleDataModule(XLabDataModule):
             lang: (self.datasets[lang], self.batch_size, collate_text) for lang in self.languages
         }
         for direction in self.directions:
-            paired = self.datasets[f"paired-{direction}"]
-            if len(paired):
+            paired = self.datasets.get(f"paired-{direction}")
+            if paired is not None:
                 pools[direction] = (paired, min(self.batch_size, len(paired)), collate_pairs)
         return PoolStreams(pools, self.seed, rank, world_size)
 
