@@ -321,6 +321,9 @@ class CycleTranslator(TrainingModule):
         tokenizer = self.trainer.datamodule.tokenizer
         return [tokenizer.decode(ids, skip_special_tokens=True) for ids in targets]
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        raise UserError("a cycle translator has no predict split: translate with ./infer.py --direction")
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
