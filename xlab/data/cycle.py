@@ -212,7 +212,7 @@ class CycleDataModule(XLabDataModule):
         stats = self.stats()
         wanted = {"fit": ("val",), "validate": ("val",), "test": ("test",)}.get(stage)
         if wanted is None:
-            raise UserError(f"the cycle data has no {stage} split: translate with ./infer.py --direction")
+            raise UserError("the cycle data has no predict split: translate with ./infer.py --direction")
         names = [f"{split}-{d}" for split in wanted for d in self.directions]
         if stage == "fit":
             names += [*self.languages, *(f"paired-{d}" for d in self.directions)]
