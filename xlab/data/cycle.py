@@ -304,7 +304,8 @@ class PoolStreams:
     stopping at the shortest would). Under DDP each process takes every ``world_size``-th item of
     each permutation. ``state_dict`` is the items taken from each pool, from which the position in
     every stream follows, so a resumed run continues with the very next batch. It leaves out the
-    last ``ahead`` batches handed out: Lightning's loop fetches one batch ahead of the one it trains.
+    last ``ahead`` batches handed out: Lightning's loop fetches one batch ahead of the one it trains
+    from an iterable without a length, as this one is (endless).
     """
 
     def __init__(

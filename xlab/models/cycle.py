@@ -114,8 +114,10 @@ class CycleTranslator(TrainingModule):
             raise UserError("model.mixing.denoising_weight is for the shared topology: set it to 0 or use shared")
         for direction in init_from or {}:
             self.model.check_direction(direction)
-        if accumulate < 1 or min(num_beams, max_new_tokens) < 1 or not 0 <= label_smoothing < 1:
-            raise UserError("model accumulate, num_beams and max_new_tokens must be >= 1, label_smoothing in [0, 1)")
+        if min(accumulate, num_beams, max_new_tokens, examples_every) < 1 or not 0 <= label_smoothing < 1:
+            raise UserError(
+                "model accumulate, num_beams, max_new_tokens and examples_every must be >= 1, label_smoothing in [0, 1)"
+            )
         self.synthetic, self.mixing, self.init_from = synthetic, mixing, dict(init_from or {})
         self.accumulate, self.gradient_clip, self.label_smoothing = accumulate, gradient_clip, label_smoothing
         self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
@@ -285,8 +287,9 @@ class CycleTranslator(TrainingModule):
         for name, value in diagnostics.rates().items():
             self.log(f"train/{generating}/{name}", value)
         if self.examples and self.global_step % self.examples_every < len(self.model.directions):
-            examples = [(r["source_text"], r["reference"], r["reference"]) for r in rows[: self.examples]]
-            write_table(self, f"train/{generating}/synthetic", ("synthetic source", "real", "real"), examples)
+            examples = [(r["reference"], r["source_text"], r["reference"]) for r in rows[: self.examples]]
+            columns = ("real sentence", "its synthetic translation", "real sentence")
+            write_table(self, f"train/{generating}/synthetic", columns, examples, same="copy")
         return self._to_device(collate_pairs(rows)) if rows else None
 
     def _noised(self, real: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ direction the same way. ``direction_parameters(name)`` are the parameters an upd
 direction may change.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -66,10 +66,6 @@ class CycleNetwork(Network):
         """The parameters an update of direction ``name`` trains; the others are frozen during it."""
         raise NotImplementedError
 
-    def translators(self) -> Iterator[EncoderDecoder]:
-        """The encoder-decoders inside (one or two)."""
-        return (m for m in self.children() if isinstance(m, EncoderDecoder))
-
 
 class TwoModels(CycleNetwork):
     """One encoder-decoder per direction."""
@@ -85,9 +81,6 @@ class TwoModels(CycleNetwork):
 
     def direction_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.direction(name).parameters())
-
-    def translators(self) -> Iterator[EncoderDecoder]:
-        return iter(self.models.values())
 
 
 class SharedModel(CycleNetwork):

@@ -137,12 +137,19 @@ def gather_outputs(trainer: Trainer, outputs: list[tuple[str, str, str]]) -> lis
     return [triple for part in gathered for triple in part]
 
 
-def write_table(module: LightningModule, tag: str, columns: Sequence[str], rows: list[tuple[str, str, str]]) -> None:
-    """A markdown table of (source, output, reference) rows in TensorBoard's text tab, with whether each is exact."""
+def write_table(
+    module: LightningModule,
+    tag: str,
+    columns: Sequence[str],
+    rows: list[tuple[str, str, str]],
+    same: str = "exact",
+) -> None:
+    """A markdown table of (source, output, reference) rows in TensorBoard's text tab, and a column ``same``
+    saying whether the output equals the third column."""
     experiment = getattr(module.logger, "experiment", None)
     if not rows or not module.trainer.is_global_zero or not hasattr(experiment, "add_text"):
         return
     lines = [f"| {s} | {t} | {r} | {'yes' if t == r else 'no'} |" for s, t, r in rows]
-    header = f"| {' | '.join(columns)} | exact |"
+    header = f"| {' | '.join(columns)} | {same} |"
     table = "\n".join([header, "|---|---|---|---|", *lines])
     experiment.add_text(tag, table, module.global_step)
