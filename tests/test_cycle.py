@@ -1,6 +1,7 @@
 """The cycle translator: who gets gradients and who changes in each update, adapters, losses, accumulation,
 resume, step counting, diagnostics, export and inference by direction, and its errors."""
 
+import random
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from lightning.pytorch import Trainer
 
 from xlab.checkpoint import export, load
 from xlab.data.cycle import CycleDataModule
-from xlab.data.pairs import NumberPhrases
+from xlab.data.pairs import NumberPhrases, ParallelFiles
 from xlab.errors import UserError
 from xlab.infer_cli import main as infer
 from xlab.manage_cli import main as manage
@@ -229,8 +230,6 @@ def test_diagnostics_count_copies_lengths_and_endings():
 
 
 def test_noise_drops_fills_and_shuffles_locally():
-    import random
-
     tokens = list(range(10, 60))
     assert SyntheticSources().noise(tokens, random.Random(0)) == tokens
     shuffled = SyntheticSources(shuffle_distance=3).noise(tokens, random.Random(0))
@@ -335,3 +334,53 @@ def test_initialisation_from_a_paired_only_translator(data: CycleDataModule, tmp
         assert torch.equal(shared[name][: len(value)], value)
     # the rows a translator lacks (language tokens, one more position) keep their own initialisation
     assert torch.equal(shared["source_embed.weight"][-2:], untouched["model.source_embed.weight"][-2:])
+
+
+def digit_phrases(path: Path, count: int = 3000) -> Path:
+    """Two made-up languages of 2 to 4 digit words, word for word: a task a tiny model learns in seconds."""
+    english = "zero one two three four five six seven eight nine".split()
+    french = "zéro un deux trois quatre cinq six sept huit neuf".split()
+    rng, rows = random.Random(0), set()
+    while len(rows) < count:
+        digits = [rng.randrange(10) for _ in range(rng.randint(2, 4))]
+        rows.add((" ".join(english[d] for d in digits), " ".join(french[d] for d in digits)))
+    path.write_text("".join(f"{a}\t{b}\n" for a, b in sorted(rows)))
+    return path
+
+
+def test_back_translation_lifts_a_weak_paired_start_beyond_paired_training_alone(tmp_path: Path):
+    """From a translator trained briefly on 100 pairs, the same number of further updates with back-translation
+    on the monolingual pools beats the same updates on the pairs alone, in both directions' val exact match."""
+    digits = CycleDataModule(
+        ParallelFiles([str(digit_phrases(tmp_path / "digits.tsv"))]),
+        languages=("en", "fr"),
+        paired_size=100,
+        val_size=100,
+        test_size=8,
+        vocab_size=300,
+        batch_size=16,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    digits.prepare_data()
+    shape = TransformerConfig(n_layers=1, d_model=64, n_heads=4, **digits.model_shapes())
+    optimizer = OptimizerConfig(lr=3e-3, warmup_steps=0, decay_steps=10**6, weight_decay=0.0)
+
+    def model(mixing: Mixing) -> CycleTranslator:
+        torch.manual_seed(0)
+        options = {"max_new_tokens": 16, "examples": 0, "label_smoothing": 0.0}
+        return CycleTranslator(shape, languages=("en", "fr"), optimizer=optimizer, mixing=mixing, **options)
+
+    def exact_match(module: CycleTranslator, steps: int, start: Path | None = None) -> dict[str, float]:
+        run = trainer(steps, tmp_path, num_sanity_val_steps=0, limit_val_batches=None, val_check_interval=10**6)
+        run.fit(module, digits, ckpt_path=start)
+        run.validate(module, digits, verbose=False)
+        if start is None:
+            run.save_checkpoint(tmp_path / "weak.ckpt")
+        return {d: float(run.callback_metrics[f"val/{d}/exact_match"]) for d in ("en-fr", "fr-en")}
+
+    weak = exact_match(model(Mixing(cycle_weight=0.0)), 300)
+    paired = exact_match(model(Mixing(cycle_weight=0.0)), 600, tmp_path / "weak.ckpt")
+    cycled = exact_match(model(Mixing(cycle_weight=1.0)), 600, tmp_path / "weak.ckpt")
+    for direction in ("en-fr", "fr-en"):
+        assert weak[direction] < 0.6  # deliberately weak
+        assert cycled[direction] > paired[direction] + 0.2, (weak, paired, cycled)  # measured: +0.39, +0.34
