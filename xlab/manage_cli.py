@@ -96,7 +96,7 @@ def slurm_script(args: argparse.Namespace) -> str:
     return f"submitted batch job {job_id}: {path}; its output goes to {LOG_DIR}/{job.job_name}-{job_id}.out and .err"
 
 
-STACKS = ("blocks.", "encoder.", "decoder.")
+STACKS = ("blocks.", "encoder.", "decoder.", "models.")  # "models.": a cycle translator's one per direction
 
 
 def describe(path: Path, loaded: LoadedModel) -> str:
