@@ -18,7 +18,7 @@ from xlab.models.config import TransformerConfig
 from xlab.models.cycle import CycleTranslator, Mixing, micro_batches
 from xlab.models.cycle_adapters import DirectionAdapters, merged_direction
 from xlab.models.cycle_synthetic import Diagnostics, SyntheticSources, is_copy
-from xlab.models.training import OptimizerConfig
+from xlab.models.optimizer import OptimizerConfig
 from xlab.models.translator import Translator
 
 ADAPTERS = DirectionAdapters(rank=2, alpha=4.0)

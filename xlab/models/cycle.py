@@ -27,8 +27,9 @@ from xlab.models.cycle_networks import CycleNetwork, SharedModel
 from xlab.models.cycle_synthetic import Diagnostics, SyntheticSources, finished
 from xlab.models.losses import seq2seq_loss
 from xlab.models.metrics import LMMetrics, corpus_scores, token_statistics
-from xlab.models.schedule import WarmupCosine
-from xlab.models.training import OptimizerConfig, TrainingModule
+from xlab.models.optimizer import OptimizerConfig, build_optimizer, split_parameters
+from xlab.models.schedule import WarmupDecay
+from xlab.models.training import TrainingModule
 from xlab.models.transforms import Transform
 from xlab.models.translator import gather_outputs, write_table
 
@@ -149,28 +150,17 @@ class CycleTranslator(TrainingModule):
         for index in range(count):
             directions = [d for d, i in self.optimizer_of.items() if i == index]
             parameters = {id(p): p for d in directions for p in self.model.direction_parameters(d)}
-            trainable = [p for p in parameters.values() if p.requires_grad]
-            optimizer = torch.optim.AdamW(
-                self._groups(trainable),
-                lr=config.lr,
-                betas=config.betas,
-                eps=config.eps,
-                fused=self._fused_optimizer_allowed(),
-            )
+            groups = split_parameters(self.model, parameters.values(), config, claimed=[])
+            optimizer = build_optimizer(groups, config, fused=self._fused_optimizer_allowed())
             # decay_steps counts the run's updates, of which this optimizer makes its directions' share
             steps = int(total) * len(directions) // len(self.optimizer_of)
-            schedule = WarmupCosine(config.warmup_steps, max(steps, 1), config.min_lr_ratio)
+            schedule = WarmupDecay(
+                config.warmup_steps, max(steps, 1), config.min_lr_ratio, config.schedule, config.decay_fraction
+            )
             optimizers.append(optimizer)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             schedulers.append({"scheduler": scheduler, "interval": "step", "name": f"lr-{'+'.join(directions)}"})
         return optimizers, schedulers
-
-    def _groups(self, parameters: list[nn.Parameter]) -> list[dict[str, Any]]:
-        decay = self.optimizer_config.weight_decay
-        return [
-            {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": decay, "name": "matrices"},
-            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0, "name": "norms_biases"},
-        ]
 
     def _optimizer(self, direction: str) -> tuple[Any, Any]:
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()

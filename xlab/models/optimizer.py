@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from xlab.errors import UserError
+from xlab.models.network import Network
 from xlab.models.schedule import ScheduleShape
 
 MUON_GROUP = "hidden_matrices"  # the one group Muon steps; every other group is AdamW's
@@ -122,9 +123,11 @@ def split_parameters(
 
 
 def outer_parameters(network: nn.Module) -> list[nn.Parameter]:
-    """The weights outside the blocks: every embedding table (tokens, source tokens, learned positions) and the head."""
+    """The weights outside the blocks: every embedding table (tokens, source tokens, learned positions) and the
+    head of every network in ``network`` (a cycle translator holds two)."""
     tables = [module.weight for module in network.modules() if isinstance(module, nn.Embedding)]
-    return [*tables, network.head.weight]
+    heads = [module.head.weight for module in network.modules() if isinstance(module, Network)]
+    return [*tables, *heads]
 
 
 def build_optimizer(groups: list[ParameterGroup], config: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
