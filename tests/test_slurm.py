@@ -316,12 +316,14 @@ def xlab_command(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "xlab.py"), "fit", *args]
 
 
-def test_srun_ddp_fit_on_two_tasks(slurm_cluster: str, tmp_path: Path):
+@pytest.mark.parametrize("strategy", [[], ["-c", str(ROOT / "conf" / "fsdp.yaml")]], ids=["ddp", "fsdp"])
+def test_srun_fit_on_two_tasks(slurm_cluster: str, tmp_path: Path, strategy: list[str]):
+    """DDP, and FSDP2 through the same overlay as on one machine: srun's tasks are the processes."""
     corpus = write_corpus(tmp_path / "corpus")
     report = ["--trainer.callbacks+=tests.test_slurm.RankReport", f"--trainer.callbacks.directory={tmp_path}"]
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_nodes=1", *report]
     srun = ["srun", "-N1", "--ntasks-per-node=2", "-J", "xlab-ddp"]
-    result = run(*srun, *xlab_command(*tiny_args(corpus, *ddp)), cwd=tmp_path)
+    result = run(*srun, *xlab_command(*strategy, *tiny_args(corpus, *ddp)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank, seen in enumerate(ranks):
