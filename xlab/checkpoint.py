@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from xlab.errors import UserError
 from xlab.files import atomic_path
+from xlab.models import genomic  # noqa: F401  (registers its transforms, so files that record them load)
 from xlab.models.config import TransformerConfig
 from xlab.models.families import Family, family_of, resolve
 from xlab.models.network import Network
@@ -198,17 +199,24 @@ def _unpack_text(packed: str) -> str:
 
 
 def export(
-    source: str | Path, output: str | Path, dtype: str = "fp32", force: bool = False, plain: bool = False
+    source: str | Path,
+    output: str | Path,
+    dtype: str = "fp32",
+    force: bool = False,
+    plain: bool = False,
+    compact: bool = False,
 ) -> Path:
     """Write the weights, architecture, transforms, tokenizers and training progress of ``source`` as one
-    safetensors file; ``plain`` materialises the transforms first, for a transform-free network.
+    safetensors file; ``plain`` materialises the transforms first, for a transform-free network, as is done
+    unless ``compact`` when a transform asks for it (``Transform.export_plain``: a genome's predicted weights).
 
     Written under a temporary name and renamed into place; an existing ``output`` is kept unless ``force``.
     """
     output = Path(output)
     check_output(output, force)
     loaded = load(source)
-    model = materialize(loaded.model) if plain else loaded.model
+    folds = plain or (not compact and any(transform.export_plain for transform in loaded.model.transforms))
+    model = materialize(loaded.model) if folds else loaded.model
     family = loaded.family
     tensors = {
         name: tensor.to(DTYPES[dtype]).contiguous()

@@ -8,6 +8,7 @@ from pathlib import Path
 from xlab.checkpoint import DTYPES, LoadedModel, export, is_export, load
 from xlab.errors import UserError
 from xlab.hf import default_output, export_hf
+from xlab.models.transforms import reports
 from xlab.slurm import LOG_DIR, TIME_FORMATS, Job, sbatch, submit, write_script
 
 
@@ -36,10 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exporter.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="precision of the stored weights")
     exporter.add_argument("--force", action="store_true", help="replace an existing output")
-    exporter.add_argument(
+    folding = exporter.add_mutually_exclusive_group()
+    folding.add_argument(
         "--plain",
         action="store_true",
         help="fold the network's transforms (model.init_args.transforms) into plain weights: a transform-free model",
+    )
+    folding.add_argument(
+        "--genome",
+        action="store_true",
+        help="the compact form of a genomic (or low-rank) model: its genome and uncompressed weights, no "
+        "predicted matrix (by default they are folded into plain weights)",
     )
     inspector = commands.add_parser("inspect", help="architecture, parameters, tokenizer and training progress")
     inspector.add_argument("path", type=Path, help="training checkpoint or export")
@@ -119,6 +127,7 @@ def describe(path: Path, loaded: LoadedModel) -> str:
         lines.append("directions  " + ", ".join(model.directions))
     if model.transforms:
         lines.append("transforms  " + ", ".join(map(repr, model.transforms)))
+        lines += [f"  {line}" for line in reports(model)]
     specials = sum(token.special for token in loaded.tokenizer.get_added_tokens_decoder().values())
     lines.append(f"tokenizer   {loaded.tokenizer.get_vocab_size():,} tokens ({specials} special)")
     if loaded.source_tokenizer not in (None, loaded.tokenizer):
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {output}/ ({size / 2**20:.1f} MiB): AutoModelForCausalLM.from_pretrained({str(output)!r})")
         elif args.command == "export-checkpoint":
             output = args.output or args.checkpoint.with_suffix(".safetensors")
-            export(args.checkpoint, output, args.dtype, args.force, plain=args.plain)
+            export(args.checkpoint, output, args.dtype, args.force, plain=args.plain, compact=args.genome)
             print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
         elif args.command == "slurm-script":
             print(slurm_script(args))

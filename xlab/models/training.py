@@ -19,7 +19,7 @@ from xlab.models.horizon import BudgetHorizon
 from xlab.models.optimizer import OptimizerConfig, build_optimizer, group_table, split_parameters
 from xlab.models.schedule import WarmupDecay
 from xlab.models.sharding import data_parallel_mesh, is_sharded, shard
-from xlab.models.transforms import Transform, record
+from xlab.models.transforms import Transform, record, reports
 
 
 class TrainingModule(LightningModule):
@@ -119,6 +119,31 @@ class TrainingModule(LightningModule):
         """Renew the schedule's horizon from the run's budgets (horizon.py) before the step."""
         if self.horizon is not None:
             self.horizon.update(self.trainer)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """The trainer's clipping, except for parameter groups with a ``clip`` of their own (a transform's, such as
+        a genome's): their gradient norm is clipped to it on its own, and left out of the trainer's."""
+        own = [group for group in optimizer.param_groups if group.get("clip") is not None]
+        if not own:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        for group in own:
+            torch.nn.utils.clip_grad_norm_(group["params"], group["clip"])
+        rest = [p for group in optimizer.param_groups if group.get("clip") is None for p in group["params"]]
+        if gradient_clip_val and gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(rest, gradient_clip_val)
+        elif gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(rest, gradient_clip_val)
+
+    def on_fit_start(self) -> None:
+        for line in reports(self.model):
+            rank_zero_info(line)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Each transform's report (a genome's compression counts) beside the weights, by transform name."""
+        if recorded := {t.name: report for t in self.model.transforms if (report := t.report(self.model))}:
+            checkpoint["transform_reports"] = recorded
 
     def _fused_optimizer_allowed(self) -> bool:
         """The fused AdamW kernel (about 3x faster steps) unless Lightning's mixed-precision plugin is in use:

@@ -25,6 +25,8 @@ class Transform:
     ``__init__`` (returned by ``settings``) and implement ``apply`` and ``materialize``."""
 
     name: ClassVar[str]
+    export_plain: ClassVar[bool] = False
+    """Whether an export folds this transform into plain weights unless asked for the compact form."""
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this transform: JSON values only."""
@@ -42,6 +44,11 @@ class Transform:
         """Optimizer parameter groups for parameters this transform owns (``params`` plus any of ``lr``,
         ``weight_decay``, ``name``); parameters in none of them get the optimizer's defaults."""
         return []
+
+    def report(self, network: nn.Module) -> dict[str, Any]:
+        """What the transform did to ``network``, as JSON values (a compression's counts): logged as training
+        starts, stored in checkpoints, shown by ``manage.py inspect``."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"
@@ -97,3 +104,20 @@ def materialize(network: nn.Module) -> nn.Module:
         transform.materialize(network)
     network.transforms = []
     return network
+
+
+def reports(network: nn.Module) -> list[str]:
+    """One line per transform of ``network`` that reports something: its name and ``report``, numbers
+    readable (``ratio 19.50``, ``replaced 1,234``)."""
+    lines = []
+    for transform in getattr(network, "transforms", []):
+        if report := transform.report(network):
+            shown = ", ".join(f"{key.replace('_', ' ')} {readable(value)}" for key, value in report.items())
+            lines.append(f"{transform.name}: {shown}")
+    return lines
+
+
+def readable(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
