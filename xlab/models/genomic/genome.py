@@ -6,7 +6,7 @@ tile a g-net of its own (torchGB's layout); ``shared`` has one g-net for every t
 reads the tile's position in its matrix, the matrix kind (one-hot) and the layer number. Either way all tiles
 are evaluated at once as batched matrix products (per-tile g-nets stacked along a leading dimension).
 
-Predictions are cached until a genome parameter changes in place (the optimizer's step, a load), so the
+Predictions are cached until an optimizer steps or a genome parameter changes in place (a load), so the
 weights are predicted once per optimizer step however many micro-batches accumulate into it, and evaluation
 and generation reuse them. Through ``Predict`` every micro-batch's ordinary backward reaches the g-nets from
 that one prediction: it keeps the g-nets' graph for repeated backwards, or, with ``chunk_tiles``, keeps
@@ -21,8 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from xlab.models.genomic.encoding import Encoding, encode
+
+OPTIMIZER_STEPS = [0]
+"""Optimizer steps taken in this process, counted by torch's global step hook: fused optimizers update
+parameters without bumping their version counters, so those alone would not say the genome changed."""
+
+
+def _count_step(*_: object) -> None:
+    OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 Layout = Literal["per_tile", "shared"]
 Activation = Literal["relu", "gelu", "tanh", "silu"]
@@ -109,9 +121,10 @@ class Genome(nn.Module):
 
     def predicted(self) -> Tensor:
         """Every predicted matrix, flattened one after the other (``matrix`` cuts one out), from the cache
-        unless a genome parameter changed or a graph is wanted and the cached prediction has none."""
+        unless an optimizer stepped, a genome parameter changed, or a graph is wanted and the cached prediction
+        has none."""
         parameters = list(self.parameters())
-        key = tuple((p._version, p.data_ptr(), p.dtype) for p in parameters)
+        key = (OPTIMIZER_STEPS[0], *((p._version, p.data_ptr(), p.dtype) for p in parameters))
         wants_graph = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
         if self._cached is None or key != self._key or (wants_graph and self._cached.grad_fn is None):
             with torch.autocast(self.positions.device.type, enabled=False):
