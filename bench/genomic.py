@@ -1,0 +1,214 @@
+"""The genomic bottleneck's experiment: validation bits per byte against the compression of the block matrices.
+
+Each point trains the default experiment (``conf/xlab.yaml``, or ``--config``) on the same token budget in a
+fresh ``xlab.py fit`` process, once per seed: the dense model (1x); per-tile genomes (torchGB's layout) and
+shared genomes (depth 2, evaluated 16 tiles at a time) of several widths; and beside a per-tile genome of a
+given width, the baselines that say whether a genome is worth it, at its parameter count: a low-rank
+factorisation of the same matrices (the rank whose factors are closest to the genome's parameters) and a
+smaller dense model (the d_model whose total is closest to the genomic model's). The table gives the exact
+compression of the matrices and of the whole model (the transform's report, read from the run's checkpoint),
+the last validation bits per byte and its ratio to dense (mean over seeds), tokens/s, and peak memory (CUDA:
+``max_memory_allocated`` during training; CPU: the process's peak resident memory, data preparation included,
+so only a rough figure).
+
+A shared g-net runs for every weight, so its cost grows with its width squared: at width 512 a prediction is
+about 2 x 3.1M x 512^2 FLOPs (about 1.6 TFLOP, more than a training step of the dense model), made once per
+optimizer step and recomputed chunk by chunk in the backward.
+
+    python bench/genomic.py                                 # 3.3M tokens (conf/xlab.yaml's 800 steps), seed 42
+    python bench/genomic.py --tokens 10e6 --seeds 1 2 --device cuda
+    python bench/genomic.py --tokens 8192 --points dense per_tile:8 low_rank:8 small_dense:8    # a smoke test
+"""
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xlab.checkpoint import load  # noqa: E402
+from xlab.models.config import TransformerConfig  # noqa: E402
+from xlab.models.decoder import Decoder  # noqa: E402
+from xlab.models.genomic import GenomicBottleneck, LowRank  # noqa: E402
+from xlab.models.network import build_network  # noqa: E402
+
+GENOME, LOW_RANK = "xlab.models.genomic.GenomicBottleneck", "xlab.models.genomic.LowRank"
+POINTS = [
+    "dense",
+    *(f"per_tile:{width}" for width in (256, 64, 32, 8)),
+    *(f"shared:{width}" for width in (512, 256, 128, 64)),
+    *(f"low_rank:{width}" for width in (64, 32, 8)),
+    *(f"small_dense:{width}" for width in (64, 32, 8)),
+]
+
+
+class PeakMemory(Callback):
+    """Writes ``path``: the training's peak memory in bytes (CUDA allocations, or the process's resident memory)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.path.write_text(json.dumps(peak))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "conf" / "xlab.yaml")
+    parser.add_argument("--tokens", type=float, default=3.3e6, help="training tokens per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument(
+        "--points",
+        nargs="+",
+        default=POINTS,
+        help="dense, per_tile:WIDTH, shared:WIDTH, low_rank:WIDTH and small_dense:WIDTH (matched to the "
+        "per-tile genome of that width)",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument("--workdir", type=Path, help="where runs/ and cache/ go (default: a temporary directory)")
+    parser.add_argument("overrides", nargs="*", help="after --: more xlab.py overrides for every run")
+    return parser.parse_args()
+
+
+def configured(config: Path) -> tuple[TransformerConfig, int]:
+    """The architecture ``config`` trains (with its data's vocabulary and context) and its tokens per step."""
+    settings = yaml.safe_load(config.read_text())
+    data = settings["data"]["init_args"]
+    shape = settings["model"]["init_args"]["arch"]
+    arch = TransformerConfig(vocab_size=data["vocab_size"], context_length=data["context_length"], **shape)
+    return arch, data["batch_size"] * data["context_length"]
+
+
+def report(arch: TransformerConfig, transform: GenomicBottleneck | LowRank) -> dict:
+    """The transform's counts on the architecture (built on the CPU: the genome's scale is measured)."""
+    return transform.report(build_network(Decoder, arch, [transform]))
+
+
+def total(arch: TransformerConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in Decoder(arch).parameters())
+
+
+def genome(layout: str, width: int) -> dict:
+    """A per-tile genome of one hidden layer (torchGB's), or a shared one of two, in chunks of 16 tiles."""
+    if layout == "shared":
+        return {"layout": layout, "width": width, "depth": 2, "chunk_tiles": 16}
+    return {"layout": layout, "width": width}
+
+
+def transform_override(class_path: str, settings: dict) -> str:
+    return f"--model.init_args.transforms=[{json.dumps({'class_path': class_path, 'init_args': settings})}]"
+
+
+def point(name: str, arch: TransformerConfig) -> tuple[str, list[str]]:
+    """A label and the xlab.py overrides of the point ``name`` (see --points)."""
+    kind, _, value = name.partition(":")
+    if kind == "dense":
+        return "dense", []
+    width = int(value)
+    if kind in ("per_tile", "shared"):
+        return f"{kind} genome, width {width}", [transform_override(GENOME, genome(kind, width))]
+    target = report(arch, GenomicBottleneck(**genome("per_tile", width)))
+    if kind == "low_rank":
+        rank = max(1, round(target["stored"] / report(arch, LowRank(rank=1))["stored"]))
+        return f"low rank {rank} (~per-tile {width})", [transform_override(LOW_RANK, {"rank": rank})]
+    if kind != "small_dense":
+        raise SystemExit(f"error: unknown point {name!r}: see --points")
+
+    def distance(d_model: int) -> int:
+        return abs(total(TransformerConfig(**{**vars(arch), "d_model": d_model, "d_ff": None})) - target["compressed"])
+
+    d_model = min(range(arch.n_heads, arch.d_model, arch.n_heads), key=distance)
+    return f"dense d_model {d_model} (~per-tile {width})", [f"--model.init_args.arch.d_model={d_model}"]
+
+
+def train(overrides: list[str], run: str, seed: int, steps: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """Train one run; its counts, last validation bits per byte, mean tokens/s and peak memory."""
+    memory = workdir / f"{run}.memory.json"
+    command = [
+        sys.executable,
+        str(ROOT / "xlab.py"),
+        "fit",
+        "-c",
+        str(args.config),
+        f"--seed_everything={seed}",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={steps}",
+        f"--trainer.accelerator={args.device}",
+        f"--trainer.logger.init_args.name={run}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks+=genomic.PeakMemory",
+        f"--trainer.callbacks.path={memory}",
+        *overrides,
+        *args.overrides,
+    ]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")))}
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=environment)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {run} failed:\n{result.stderr[-3000:]}")
+    directory = workdir / "runs" / run
+    with open(directory / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    bits = [float(row["val/bits_per_byte"]) for row in rows if row.get("val/bits_per_byte")]
+    speeds = [float(row["train/tokens_per_sec"]) for row in rows if row.get("train/tokens_per_sec")]
+    model = load(directory / "checkpoints" / "last.ckpt").model
+    counts = next((t.report(model) for t in model.transforms), None) or {"ratio": 1.0, "model_ratio": 1.0}
+    counts["parameters"] = sum(p.numel() for p in model.parameters())
+    return {
+        **counts,
+        "bits_per_byte": bits[-1],
+        "tokens_per_sec": statistics.mean(speeds) if speeds else float("nan"),
+        "peak_mib": json.loads(memory.read_text()) / 2**20,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    arch, tokens_per_step = configured(args.config)
+    steps = max(1, round(args.tokens / tokens_per_step))
+    points = [point(name, arch) for name in args.points]
+    with tempfile.TemporaryDirectory() as temporary:
+        workdir = args.workdir or Path(temporary)
+        workdir.mkdir(parents=True, exist_ok=True)
+        results = {
+            label: [train(overrides, f"{index}-seed{seed}", seed, steps, args, workdir) for seed in args.seeds]
+            for index, (label, overrides) in enumerate(points)
+        }
+    dense = statistics.mean(run["bits_per_byte"] for run in results.get("dense", [{"bits_per_byte": float("nan")}]))
+    print(f"{steps} steps of {tokens_per_step:,} tokens per run, seeds {args.seeds}, {args.config.name}")
+    print("| point | parameters | matrices x | model x | val bits/byte | vs dense | tokens/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, runs in results.items():
+        bits = [run["bits_per_byte"] for run in runs]
+        spread = f" ± {statistics.stdev(bits):.3f}" if len(bits) > 1 else ""
+        first = runs[0]
+        print(
+            f"| {label} | {first['parameters']:,} | {first['ratio']:.1f} | {first['model_ratio']:.2f} | "
+            f"{statistics.mean(bits):.3f}{spread} | {statistics.mean(bits) / dense:.3f} | "
+            f"{statistics.mean(run['tokens_per_sec'] for run in runs):,.0f} | "
+            f"{max(run['peak_mib'] for run in runs):,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
