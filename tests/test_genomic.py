@@ -17,7 +17,7 @@ from xlab.models.genomic.genome import Genome, Predict
 from xlab.models.lm import LanguageModel
 from xlab.models.losses import next_token_loss
 from xlab.models.network import build_network
-from xlab.models.transforms import materialize, record
+from xlab.models.transforms import materialize
 
 CONFIG = TransformerConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=2)
 LAYOUTS = [
@@ -215,9 +215,3 @@ def test_a_genome_fitted_to_a_dense_model_approaches_its_matrices():
     fitted = fit_genome(network.genome, targets, steps=60, lr=1e-2)
     assert min(start) > 0.9 and max(fitted) < 0.9 * min(start)
     assert all(p.grad is None for p in network.genome.parameters())
-
-
-def test_starting_from_a_dense_checkpoint_is_not_recorded(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    transform = GenomicBottleneck(init_from="dense.ckpt", fit_steps=3)
-    assert record([transform]) == [{"name": "genomic", "settings": GenomicBottleneck().settings()}]

@@ -15,6 +15,9 @@ from tests.conftest import run_cli, run_script, tiny_args, write_corpus
 from xlab.checkpoint import export, load, load_model, read_checkpoint
 from xlab.generation import GenerationConfig, generate
 from xlab.manage_cli import main as manage
+from xlab.models.config import TransformerConfig
+from xlab.models.genomic import GenomicBottleneck
+from xlab.models.lm import LanguageModel
 
 
 def genomic(settings: str) -> str:
@@ -134,3 +137,28 @@ def test_a_pattern_that_matches_nothing_is_one_error_line(in_tmp: Path, corpus: 
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: the genomic transform: the pattern 'nope' matches no parameter of the Decoder"
     )
+
+
+def test_a_genome_starts_from_a_dense_checkpoint_and_fine_tunes(in_tmp: Path, corpus: Path):
+    assert run_cli("fit", *tiny_args(corpus, "--trainer.logger.init_args.name=dense")) == 0
+    dense_path = in_tmp / "runs" / "dense" / "checkpoints" / "last.ckpt"
+    dense = load(dense_path).model
+    arch = TransformerConfig(**read_checkpoint(dense_path)["hyper_parameters"]["arch"])
+    fitted = {}
+    for steps in (0, 40):
+        torch.manual_seed(0)
+        transform = GenomicBottleneck(tile=(32, 32), width=8, init_from=str(dense_path), fit_steps=steps)
+        fitted[steps] = LanguageModel(arch, transforms=[transform]).model
+    assert torch.equal(fitted[40].embed.weight, dense.embed.weight)
+    assert torch.equal(fitted[40].blocks[1].norms[0].bias, dense.blocks[1].norms[0].bias)
+    targets = [dense.get_parameter(f"blocks.{layer}.mlp.in_proj.weight") for layer in (0, 1)]
+
+    def error(network: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return sum((network.blocks[i].mlp.in_proj.weight - t).square().sum().item() for i, t in enumerate(targets))
+
+    assert error(fitted[40]) < 0.9 * error(fitted[0])
+    tune = genomic(f"tile: [32, 32], width: 8, init_from: {dense_path}, fit_steps: 5")
+    assert run_cli("fit", *tiny_args(corpus, tune, "--trainer.logger.init_args.name=tuned")) == 0
+    recorded = read_checkpoint(in_tmp / "runs" / "tuned" / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert "init_from" not in recorded["transforms"][0]["settings"]
