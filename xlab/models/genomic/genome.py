@@ -194,6 +194,7 @@ class PredictedWeight(nn.Module):
         super().__init__()
         self.read = partial(genome.matrix, index)
 
+    @torch.compiler.disable  # the cache is Python state: a compiled network breaks its graph here, not recompiles
     def forward(self, _: Tensor) -> Tensor:
         return self.read()
 
