@@ -45,6 +45,33 @@ def test_the_forward_equals_a_plain_model_loaded_with_the_materialised_weights(s
     assert network.head.weight is network.embed.weight  # the tie survives folding
 
 
+def test_a_low_rank_network_folds_into_a_plain_one_with_the_same_function():
+    torch.manual_seed(0)
+    network = build_network(Decoder, CONFIG, [LowRank(rank=3)])
+    assert network.blocks[0].mlp.in_proj.weight.shape == (128, 32)
+    assert torch.linalg.matrix_rank(network.blocks[0].mlp.in_proj.weight.detach()) == 3
+    with torch.no_grad():
+        reference = network(tokens())
+    plain = Decoder(CONFIG)
+    plain.load_state_dict(materialize(network).state_dict())
+    with torch.no_grad():
+        assert torch.equal(plain(tokens()), reference)
+
+
+def test_chunked_prediction_equals_the_prediction_all_at_once_and_so_do_its_gradients():
+    torch.manual_seed(0)
+    whole = Genome([(40, 24), (16, 50)], [0, 1], [0, 1], (8, 8), layout="shared", width=6, depth=2)
+    chunked = Genome([(40, 24), (16, 50)], [0, 1], [0, 1], (8, 8), layout="shared", width=6, depth=2, chunk_tiles=4)
+    chunked.load_state_dict(whole.state_dict())
+    outputs = [genome.predicted() for genome in (whole, chunked)]
+    torch.testing.assert_close(outputs[0], outputs[1])
+    weights = torch.randn_like(outputs[0])
+    for output in outputs:
+        (output * weights).sum().backward()
+    for first, second in zip(whole.parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(first.grad, second.grad)
+
+
 @pytest.mark.parametrize("settings", LAYOUTS)
 def test_genome_gradients_equal_finite_differences(settings: dict):
     torch.manual_seed(0)
