@@ -45,12 +45,14 @@ from xlab.models.genomic import GenomicBottleneck, LowRank  # noqa: E402
 from xlab.models.network import build_network  # noqa: E402
 
 GENOME, LOW_RANK = "xlab.models.genomic.GenomicBottleneck", "xlab.models.genomic.LowRank"
+DENSE_CHECKPOINT = "DENSE_CHECKPOINT"  # in a point's overrides: the same seed's dense run's last.ckpt
 POINTS = [
     "dense",
     *(f"per_tile:{width}" for width in (256, 64, 32, 8)),
     *(f"shared:{width}" for width in (512, 256, 128, 64)),
     *(f"low_rank:{width}" for width in (64, 32, 8)),
     *(f"small_dense:{width}" for width in (64, 32, 8)),
+    "fitted:32",
 ]
 
 
@@ -82,8 +84,10 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=POINTS,
         help="dense, per_tile:WIDTH, shared:WIDTH, low_rank:WIDTH and small_dense:WIDTH (matched to the "
-        "per-tile genome of that width)",
+        "per-tile genome of that width), fitted:WIDTH (that genome fitted to the dense run's weights, then "
+        "trained on the same budget; after dense)",
     )
+    parser.add_argument("--fit-steps", type=int, default=500, help="a fitted point's regression steps on the weights")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     parser.add_argument("--workdir", type=Path, help="where runs/ and cache/ go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="after --: more xlab.py overrides for every run")
@@ -120,7 +124,7 @@ def transform_override(class_path: str, settings: dict) -> str:
     return f"--model.init_args.transforms=[{json.dumps({'class_path': class_path, 'init_args': settings})}]"
 
 
-def point(name: str, arch: TransformerConfig) -> tuple[str, list[str]]:
+def point(name: str, arch: TransformerConfig, fit_steps: int) -> tuple[str, list[str]]:
     """A label and the xlab.py overrides of the point ``name`` (see --points)."""
     kind, _, value = name.partition(":")
     if kind == "dense":
@@ -128,6 +132,9 @@ def point(name: str, arch: TransformerConfig) -> tuple[str, list[str]]:
     width = int(value)
     if kind in ("per_tile", "shared"):
         return f"{kind} genome, width {width}", [transform_override(GENOME, genome(kind, width))]
+    if kind == "fitted":
+        settings = {**genome("per_tile", width), "init_from": DENSE_CHECKPOINT, "fit_steps": fit_steps}
+        return f"per_tile genome, width {width}, fitted to dense", [transform_override(GENOME, settings)]
     target = report(arch, GenomicBottleneck(**genome("per_tile", width)))
     if kind == "low_rank":
         rank = max(1, round(target["stored"] / report(arch, LowRank(rank=1))["stored"]))
@@ -182,18 +189,28 @@ def train(overrides: list[str], run: str, seed: int, steps: int, args: argparse.
     }
 
 
+def run_name(index: int, seed: int) -> str:
+    return f"{index}-seed{seed}"
+
+
 def main() -> None:
     args = parse_args()
     arch, tokens_per_step = configured(args.config)
     steps = max(1, round(args.tokens / tokens_per_step))
-    points = [point(name, arch) for name in args.points]
+    fitted = [name for name in args.points if name.startswith("fitted")]
+    if fitted and ("dense" not in args.points or args.points.index("dense") > args.points.index(fitted[0])):
+        raise SystemExit("error: a fitted point starts from the dense run: list dense before it")
+    points = [point(name, arch, args.fit_steps) for name in args.points]
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        results = {
-            label: [train(overrides, f"{index}-seed{seed}", seed, steps, args, workdir) for seed in args.seeds]
-            for index, (label, overrides) in enumerate(points)
-        }
+        results: dict[str, list[dict]] = {}
+        for index, (label, overrides) in enumerate(points):
+            results[label] = []
+            for seed in args.seeds:
+                dense = workdir / "runs" / run_name(args.points.index("dense"), seed) / "checkpoints" / "last.ckpt"
+                chosen = [override.replace(DENSE_CHECKPOINT, str(dense)) for override in overrides]
+                results[label].append(train(chosen, run_name(index, seed), seed, steps, args, workdir))
     dense = statistics.mean(run["bits_per_byte"] for run in results.get("dense", [{"bits_per_byte": float("nan")}]))
     print(f"{steps} steps of {tokens_per_step:,} tokens per run, seeds {args.seeds}, {args.config.name}")
     print("| point | parameters | matrices x | model x | val bits/byte | vs dense | tokens/s | peak MiB |")

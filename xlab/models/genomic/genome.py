@@ -127,6 +127,7 @@ class Genome(nn.Module):
         key = (OPTIMIZER_STEPS[0], *((p._version, p.data_ptr(), p.dtype) for p in parameters))
         wants_graph = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
         if self._cached is None or key != self._key or (wants_graph and self._cached.grad_fn is None):
+            self._cached = None  # the old prediction and its graph go before the new one is made
             with torch.autocast(self.positions.device.type, enabled=False):
                 if wants_graph:
                     self._cached = Predict.apply(self, *parameters)

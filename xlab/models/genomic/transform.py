@@ -15,8 +15,8 @@ from xlab.models.transforms import Transform, register_transform
 @register_transform
 class GenomicBottleneck(Transform):
     """Weight matrices whose names match ``include`` (fnmatch patterns; None: the block matrices,
-    ``matrices.BLOCK_MATRICES``; add ``embed.weight`` for the embedding,
-    tied head included) predicted tile by tile by a genome (``xlab.models.genomic.genome``).
+    ``matrices.BLOCK_MATRICES``; add ``embed.weight`` for the embedding, tied head included) predicted tile by
+    tile by a genome (``xlab.models.genomic.genome``).
 
     ``tile`` (rows, cols), ``encoding`` of the coordinates, ``layout`` ``per_tile`` or ``shared``, g-nets of
     ``depth`` hidden layers of ``width`` units with ``activation``. The genome's optimizer group has ``lr``
