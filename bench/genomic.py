@@ -5,7 +5,9 @@ fresh ``xlab.py fit`` process, once per seed: the dense model (1x); per-tile gen
 shared genomes (depth 2, evaluated 16 tiles at a time) of several widths; and beside a per-tile genome of a
 given width, the baselines that say whether a genome is worth it, at its parameter count: a low-rank
 factorisation of the same matrices (the rank whose factors are closest to the genome's parameters) and a
-smaller dense model (the d_model whose total is closest to the genomic model's). The table gives the exact
+smaller dense model (the d_model whose total is closest to the genomic model's); and a genome fitted to the
+dense run's weights (``init_from``) and then trained on the same budget, for how much of the dense model's
+quality a genome keeps when it starts from a trained one. The table gives the exact
 compression of the matrices and of the whole model (the transform's report, read from the run's checkpoint),
 the last validation bits per byte and its ratio to dense (mean over seeds), tokens/s, and peak memory (CUDA:
 ``max_memory_allocated`` during training; CPU: the process's peak resident memory, data preparation included,
