@@ -10,7 +10,7 @@ Rows, all at the same shape, batch and precision, with the same torch threads:
   (bench/loops.py): batches from a memmapped token file, the schedule set each step, gradient
   clipping, AdamW. The reference of the loop.
 - ``XLab model step, compiled``: the model step through ``torch.compile`` (``--no-compile``: not).
-- ``XLab model step, dropout 0.1``: what dropout costs (``--dropout 0``: not).
+- ``XLab model step, dropout 0.1``: what dropout costs, eager and compiled (``--dropout 0``: not).
 - ``./xlab.py fit`` (and ``compile: true``): the whole command, conf/xlab.yaml at this shape without
   dropout or validation, in a subprocess between the two halves of the rounds; its tokens/s as it
   logs them itself (``train/tokens_per_sec``) after warm-up (``--no-fit``: not).
@@ -191,6 +191,11 @@ def step_rows(
         steps[f"{MODEL_STEP}, dropout {args.dropout}"] = training_step(
             dropped.model, dropped_optimizer, tokens, autocast
         )
+    if args.dropout and args.compile:  # inductor draws dropout's masks in its own generated kernels
+        dropped, dropped_optimizer = fresh(args.dropout)
+        steps[f"{MODEL_STEP}, dropout {args.dropout}, compiled"] = training_step(
+            torch.compile(dropped.model), dropped_optimizer, tokens, autocast
+        )
     return steps, lm
 
 
@@ -264,10 +269,10 @@ def print_table(
         return f"{statistics.median(mine / theirs for mine, theirs in zip(values, rates[reference])):.2f}x"
 
     references = (REFERENCE, MODEL_STEP, PLAIN_LOOP)
-    print(f"\n{'row':<34} {'tokens/s':>10} {'MFU':>7} " + " ".join(f"{'vs ' + name:>22}" for name in references))
+    print(f"\n{'row':<40} {'tokens/s':>10} {'MFU':>7} " + " ".join(f"{'vs ' + name:>22}" for name in references))
     for name, values in [*rates.items(), *fit_rates.items()]:
         tokens_per_s = values if isinstance(values, float) else statistics.median(values)
-        row = f"{name:<34} {tokens_per_s:>10,.0f} {tokens_per_s * flops_per_token / peak:>7.1%} "
+        row = f"{name:<40} {tokens_per_s:>10,.0f} {tokens_per_s * flops_per_token / peak:>7.1%} "
         print(row + " ".join(f"{ratio(values, reference):>22}" for reference in references))
 
 
