@@ -57,12 +57,13 @@ def lm_args(corpus: Path, name: str, *extra: str) -> list[str]:
 
 def test_sharded_training_resumes_exactly_and_its_checkpoint_exports(tmp_path: Path, corpus: Path):
     shards = ["--trainer.callbacks+=tests.test_fsdp.Shards", f"--trainer.callbacks.directory={tmp_path}"]
-    fit(tmp_path, *lm_args(corpus, "straight", "--trainer.max_steps=8", *shards))
+    every_validation = ["--checkpoint.filename=step{step}", "--checkpoint.save_top_k=-1"]
+    fit(tmp_path, *lm_args(corpus, "straight", "--trainer.max_steps=8", *shards, *every_validation))
     counts = [json.loads((tmp_path / f"shards{rank}.json").read_text()) for rank in (0, 1)]
     assert counts[0]["total"] == counts[1]["total"] == sum(count["held"] for count in counts)
     assert all(count["held"] < 0.6 * count["total"] for count in counts)  # each process holds about half
-    fit(tmp_path, *lm_args(corpus, "resumed", "--trainer.max_steps=4"))
-    fit(tmp_path, *lm_args(corpus, "resumed", "--trainer.max_steps=8", "--ckpt_path=last"))
+    halfway = tmp_path / "runs" / "straight" / "checkpoints" / "step4.ckpt"
+    fit(tmp_path, *lm_args(corpus, "resumed", "--trainer.max_steps=8", f"--ckpt_path={halfway}"))
 
     checkpoints = {name: tmp_path / "runs" / name / "checkpoints" / "last.ckpt" for name in ("straight", "resumed")}
     straight, resumed = (torch.load(path, weights_only=True) for path in checkpoints.values())
