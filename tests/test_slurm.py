@@ -354,6 +354,11 @@ def job_fields(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
 
 
+def requeued_and_pending(job_id: str) -> bool:
+    fields = job_fields(job_id)
+    return fields["Restarts"] == "1" and fields["JobState"] == "PENDING"
+
+
 def logged_steps(run_dir: Path) -> int:
     """The last step with a ``train/loss`` in the run so far, -1 before there is one."""
     if not any(run_dir.glob("events.out.tfevents.*")):
@@ -369,8 +374,10 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def test_sbatch_job_requeued_by_usr1_resumes_from_its_saved_step(slurm_cluster: str, tmp_path: Path):
-    """The generated script, submitted; USR1 to its tasks; SLURM restarts it ~2.5 min later (its fixed
-    requeue delay) and the second run continues the same run from the saved step."""
+    """The generated script, submitted; USR1 to its tasks; SLURM restarts it and the second run continues
+    the same run from the saved step. SLURM holds a requeued job back by a fixed begin-time delay (about 2
+    minutes); the test releases it at once (``StartTime=now``) once it is pending again, which changes
+    when the restart runs, not what it does."""
     corpus = write_corpus(tmp_path / "corpus")
     pace = ["--trainer.callbacks+=tests.test_slurm.Pace", "--trainer.log_every_n_steps=1"]
     overrides = tiny_args(corpus, *pace, "--trainer.max_steps=40", "--trainer.val_check_interval=20")
@@ -384,6 +391,8 @@ def test_sbatch_job_requeued_by_usr1_resumes_from_its_saved_step(slurm_cluster: 
         run_dir = tmp_path / "runs" / "defaults"
         wait_until(lambda: logged_steps(run_dir) >= 4, 180, "the first run to log 5 steps")
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+        wait_until(lambda: requeued_and_pending(job_id), 180, "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
         wait_until(lambda: job_fields(job_id)["JobState"] in FINISHED, 400, "the requeued job to finish")
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
