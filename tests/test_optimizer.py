@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from torch.utils.data import DataLoader
@@ -15,7 +16,7 @@ from tests.test_loop import Recording
 from tests.test_transforms import ScaledLinears
 from xlab.models.config import TransformerConfig
 from xlab.models.lm import LanguageModel
-from xlab.models.optimizer import MUON_GROUP, MuonWithAdamW, OptimizerConfig, group_table
+from xlab.models.optimizer import MUON_GROUP, Muon, MuonWithAdamW, OptimizerConfig, group_table, newton_schulz
 from xlab.models.translator import Translator
 
 MUON = {"name": "muon", "lr": 1e-3, "muon_lr": 0.05, "warmup_steps": 0, "decay_steps": 10}
@@ -109,6 +110,32 @@ def test_muon_updates_hidden_matrices_orthogonally_and_adamw_the_rest_as_adamw_a
         singular = torch.linalg.svdvals(update)[:rank]
         assert rank >= min(rows, cols) - 1 and spread[0] / spread[rank - 1] > 5  # far from orthogonal
         assert singular.min() > 0.5 and singular.max() < 1.3, (name, singular)
+
+
+def one_muon_step(precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 24x40 matrix, its gradient, and the matrix after one Muon step at lr 0.1 in ``precision``."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=generator)
+    gradient = torch.randn(24, 40, generator=generator) * torch.logspace(0, -2, 40)  # far from orthogonal
+    parameter = nn.Parameter(weight.clone())
+    parameter.grad = gradient.clone()
+    Muon([parameter], precision=precision, lr=0.1, weight_decay=0.0).step()
+    return weight, gradient, parameter.detach()
+
+
+def test_muon_in_float32_is_torchs_step_with_the_same_iteration_in_float32():
+    """The float32 step is torch's (Nesterov momentum from a zero buffer, then the orthogonalised update) with
+    ``newton_schulz`` in float32; torch's own bfloat16 step differs from it by bfloat16 rounding only; ``auto``
+    on a CPU is the float32 step; torch's function is back in place afterwards."""
+    weight, gradient, fp32 = one_muon_step("fp32")
+    momentum = gradient.lerp(gradient * 0.05, 0.95)  # Nesterov: grad.lerp(buffer, momentum), buffer 0.05 grad
+    expected = weight - 0.1 * newton_schulz(momentum, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    torch.testing.assert_close(fp32, expected, rtol=1e-5, atol=1e-6)
+    _, _, bf16 = one_muon_step("bf16")
+    gap = ((bf16 - fp32).norm() / (fp32 - weight).norm()).item()
+    assert 1e-4 < gap < 0.05, gap  # the same iteration, rounded to bfloat16's 8 bits
+    torch.testing.assert_close(one_muon_step("auto")[2], fp32, rtol=0, atol=0)
+    assert torch.optim._muon._zeropower_via_newtonschulz.__module__ == "torch.optim._muon"  # torch's, restored
 
 
 def test_group_table_names_each_optimizer_group_and_rate():
