@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
+from torch import nn
 from torch.utils.data import DataLoader
 
 from tests.test_horizon import batches as lm_batches

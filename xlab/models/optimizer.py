@@ -31,8 +31,9 @@ class OptimizerConfig:
     steps) with its own ``muon_lr``, ``muon_momentum``, ``muon_weight_decay`` and ``muon_adjust_lr``
     (torch's rule for scaling the rate by the matrix's shape) for the 2-D weight matrices inside the
     blocks, its Newton-Schulz steps in ``muon_precision`` (``auto``: bfloat16 on GPUs as torch does,
-    float32 on CPUs, whose bfloat16 matmul can be 40x slower than float32's); AdamW with ``lr`` for the embeddings, the head, norms and biases, and for any group a
-    network transform claims (its rate and decay were chosen for AdamW).
+    float32 on CPUs, whose bfloat16 matmul can be 40x slower than float32's); AdamW with ``lr`` for
+    the embeddings, the head, norms and biases, and for any group a network transform claims (its
+    rate and decay were chosen for AdamW).
 
     The schedule (schedule.py) multiplies every group's rate alike: linear warm-up over
     ``warmup_steps``, then ``cosine`` decay, or ``trapezoid`` (constant, then linear decay over the
