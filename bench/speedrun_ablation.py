@@ -33,7 +33,8 @@ VARIANTS: dict[str, list[str]] = {
     "gelu": [f"{MODEL}.arch.activation=gelu"],
     "cosine": [f"{MODEL}.optimizer.schedule=cosine"],
     "tied-head": [f"{MODEL}.arch.tie_embeddings=true"],
-    "no-softcap": [f"{MODEL}.arch.logit_softcap=null"],
+    # a dotted key set to null fails jsonargparse's Optional check inside a subclass; the dict form merges
+    "no-softcap": [f'{MODEL}.arch={{"logit_softcap": null}}'],
     "no-zero-init": [f"{MODEL}.arch.zero_init_projections=false"],
     "old-default": [],
 }

@@ -13,6 +13,7 @@ from xlab.data.cycle import CycleDataModule
 from xlab.data.pairs import NumberPhrases, ParallelFiles
 from xlab.errors import UserError
 from xlab.infer_cli import main as infer
+from xlab.loop import LoopControl
 from xlab.manage_cli import main as manage
 from xlab.models.config import TransformerConfig
 from xlab.models.cycle import CycleTranslator, Mixing, micro_batches
@@ -197,6 +198,31 @@ def test_resume_mid_run_repeats_no_step_and_ends_with_the_same_weights(data: Cyc
     assert resumed.global_step == 6 and resumed.train_dataloader.state_dict()["taken"]["en"] == 3 * data.batch_size
     for name, value in weights(whole).items():
         torch.testing.assert_close(weights(resumed_module)[name], value, atol=0, rtol=0)
+
+
+def test_each_directions_schedule_decays_over_its_share_of_a_step_budget(data: CycleDataModule):
+    """``loop.stop_at: 12 steps`` and no step limit: two directions' optimizers take turns, six updates each, and
+    each one's rate reaches the floor at its own last update, not before."""
+    rates: dict[str, list[float]] = {"en-it": [], "it-en": []}
+
+    class Rates(CycleTranslator):
+        def _update(self, direction, batch):
+            rates[direction].append(self._optimizer(direction)[0].param_groups[0]["lr"])
+            return super()._update(direction, batch)
+
+    torch.manual_seed(0)
+    module = Rates(
+        arch(data),
+        optimizer=OptimizerConfig(lr=1e-2, warmup_steps=0, min_lr_ratio=0.1),
+        synthetic=SyntheticSources(length_scale=1.0, length_offset=2, without_eos="keep"),
+        max_new_tokens=8,
+        examples=0,
+    )
+    control = LoopControl(stop_at="12 steps", metrics_csv=False, progress_bar=False)
+    trainer(-1, max_epochs=-1, callbacks=[control]).fit(module, data)
+    for seen in rates.values():
+        assert len(seen) == 6 and seen[0] == pytest.approx(1e-2)
+        assert seen[-1] == pytest.approx(1e-3) and seen[-2] > 1e-3 * 1.01, seen
 
 
 def test_a_cold_start_reports_its_copy_rate(tmp_path: Path):

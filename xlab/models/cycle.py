@@ -28,7 +28,6 @@ from xlab.models.cycle_synthetic import Diagnostics, SyntheticSources, finished
 from xlab.models.losses import seq2seq_loss
 from xlab.models.metrics import LMMetrics, corpus_scores, token_statistics
 from xlab.models.optimizer import OptimizerConfig, build_optimizer, split_parameters
-from xlab.models.schedule import WarmupDecay
 from xlab.models.training import TrainingModule
 from xlab.models.transforms import Transform
 from xlab.models.translator import gather_outputs, write_table
@@ -143,20 +142,15 @@ class CycleTranslator(TrainingModule):
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[dict[str, Any]]]:
         config = self.optimizer_config
         count = max(self.optimizer_of.values()) + 1
-        total = config.decay_steps or self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise UserError("the run has no step limit: set trainer.max_steps or model.optimizer.decay_steps")
+        self.horizons = []
         optimizers, schedulers = [], []
         for index in range(count):
             directions = [d for d, i in self.optimizer_of.items() if i == index]
             parameters = {id(p): p for d in directions for p in self.model.direction_parameters(d)}
             groups = split_parameters(self.model, parameters.values(), config, claimed=[])
             optimizer = build_optimizer(groups, config, fused=self._fused_optimizer_allowed())
-            # decay_steps counts the run's updates, of which this optimizer makes its directions' share
-            steps = int(total) * len(directions) // len(self.optimizer_of)
-            schedule = WarmupDecay(
-                config.warmup_steps, max(steps, 1), config.min_lr_ratio, config.schedule, config.decay_fraction
-            )
+            # the run's updates (decay_steps, or as its budgets end it), of which this optimizer makes its share
+            schedule = self._schedule(share=len(directions) / len(self.optimizer_of))
             optimizers.append(optimizer)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             schedulers.append({"scheduler": scheduler, "interval": "step", "name": f"lr-{'+'.join(directions)}"})

@@ -48,16 +48,18 @@ def budget_steps(budget: Period, control: LoopControl) -> float | None:
 
 
 class BudgetHorizon:
-    """Keeps ``schedule.decay_steps`` at the last step of the run (``run_steps`` minus one)."""
+    """Keeps ``schedule.decay_steps`` at the last step of the run (``run_steps`` minus one), or of the
+    ``share`` of the run's optimizer steps that the schedule's optimizer takes."""
 
-    def __init__(self, schedule: WarmupDecay, max_steps: float):
+    def __init__(self, schedule: WarmupDecay, max_steps: float, share: float = 1.0):
         self.schedule = schedule
         self.max_steps = max_steps
+        self.share = share
 
     def update(self, trainer: Trainer) -> None:
         steps = run_steps(self.max_steps, LoopControl.of(trainer))
         if steps is not None:
-            self.schedule.decay_steps = max(0.0, steps - 1)
+            self.schedule.decay_steps = max(0.0, steps * self.share - 1)
 
     @staticmethod
     def has_limit(max_steps: float, trainer: Trainer) -> bool:

@@ -59,7 +59,7 @@ class TrainingModule(LightningModule):
         self.model = FAMILIES[self.family].build(arch, implementation, transforms, network_options)
         self.compile = compile
         self._compiled: nn.Module | None = None
-        self.horizon: BudgetHorizon | None = None  # the schedule's, when it follows the run's budgets
+        self.horizons: list[BudgetHorizon] = []  # the schedules', when they follow the run's budgets
 
     @property
     def network(self) -> nn.Module:
@@ -82,19 +82,24 @@ class TrainingModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
+        self.horizons = []
         optimizer = build_optimizer(self.parameter_groups(), config, fused=self._fused_optimizer_allowed())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _schedule(self) -> WarmupDecay:
-        """The configured schedule, decaying over ``decay_steps`` or else over the run as its limits end it."""
+    def _schedule(self, share: float = 1.0) -> WarmupDecay:
+        """The configured schedule, decaying over ``decay_steps`` or else over the run as its limits end it.
+
+        ``share``: the part of the run's optimizer steps that this schedule's optimizer takes (1 for one
+        optimizer; a cycle translator's per-direction optimizers take turns), so that it decays over its own.
+        Call it from ``configure_optimizers``, once per optimizer.
+        """
         config = self.optimizer_config
         schedule = WarmupDecay(
             config.warmup_steps, math.inf, config.min_lr_ratio, config.schedule, config.decay_fraction
         )
-        self.horizon = None
         if config.decay_steps is not None:
-            schedule.decay_steps = config.decay_steps
+            schedule.decay_steps = max(1, int(config.decay_steps * share))
             return schedule
         max_steps = self.trainer.estimated_stepping_batches
         if not BudgetHorizon.has_limit(max_steps, self.trainer):
@@ -102,8 +107,9 @@ class TrainingModule(LightningModule):
                 "the run has no step limit: set trainer.max_steps, trainer.max_epochs, loop.stop_at "
                 "or model.optimizer.decay_steps"
             )
-        self.horizon = BudgetHorizon(schedule, max_steps)
-        self.horizon.update(self.trainer)
+        horizon = BudgetHorizon(schedule, max_steps, share)
+        horizon.update(self.trainer)
+        self.horizons.append(horizon)
         return schedule
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -117,8 +123,8 @@ class TrainingModule(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Renew the schedule's horizon from the run's budgets (horizon.py) before the step."""
-        if self.horizon is not None:
-            self.horizon.update(self.trainer)
+        for horizon in self.horizons:
+            horizon.update(self.trainer)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
