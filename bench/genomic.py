@@ -1,6 +1,6 @@
 """The genomic bottleneck's experiment: validation bits per byte against the compression of the block matrices.
 
-Each point trains the default experiment (``conf/xlab.yaml``, or ``--config``) on the same token budget in a
+Each point trains the previous default experiment (``conf/classic.yaml``, or ``--config``) on the same token budget in a
 fresh ``xlab.py fit`` process, once per seed: the dense model (1x); per-tile genomes (torchGB's layout) and
 shared genomes (depth 2, evaluated 16 tiles at a time) of several widths; and beside a per-tile genome of a
 given width, the baselines that say whether a genome is worth it, at its parameter count: a low-rank
@@ -17,7 +17,7 @@ A shared g-net runs for every weight, so its cost grows with its width squared: 
 about 2 x 3.1M x 512^2 FLOPs (about 1.6 TFLOP, more than a training step of the dense model), made once per
 optimizer step and recomputed chunk by chunk in the backward.
 
-    python bench/genomic.py                                 # 3.3M tokens (conf/xlab.yaml's 800 steps), seed 42
+    python bench/genomic.py                                 # 3.3M tokens (conf/classic.yaml's 800 steps), seed 42
     python bench/genomic.py --tokens 10e6 --seeds 1 2 --device cuda
     python bench/genomic.py --tokens 8192 --points dense per_tile:8 low_rank:8 small_dense:8    # a smoke test
 """
@@ -78,7 +78,7 @@ class PeakMemory(Callback):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "conf" / "xlab.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "conf" / "classic.yaml")
     parser.add_argument("--tokens", type=float, default=3.3e6, help="training tokens per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument(

@@ -3,7 +3,7 @@
 ``plain_loop_step``: what a user who leaves Lightning would write, in nanoGPT's shape: random windows
 of a memmapped token file, the learning rate set each step, forward, loss, backward, gradient
 clipping, AdamW, gradients set to None; no logging. ``fit_tokens_per_second``: the whole
-``./xlab.py fit -c conf/xlab.yaml`` command at the same shape, read from its own logging.
+``./xlab.py fit -c conf/classic.yaml`` command at the same shape, read from its own logging.
 """
 
 import argparse
@@ -72,7 +72,7 @@ def plain_loop_step(
 
 
 def fit_tokens_per_second(args: argparse.Namespace, steps: int, warmup: int, *extra: str) -> tuple[float, int]:
-    """``train/tokens_per_sec`` as ``./xlab.py fit -c conf/xlab.yaml`` logs it (the median of the values logged
+    """``train/tokens_per_sec`` as ``./xlab.py fit -c conf/classic.yaml`` logs it (the median of the values logged
     over windows that lie wholly after ``warmup`` steps), at the shape of ``args``, without dropout or
     validation; and the vocabulary its tokenizer has. Runs in a temporary directory (data, runs)."""
     window = 20  # xlab.callbacks.TokensPerSecond's
@@ -97,10 +97,11 @@ def fit_tokens_per_second(args: argparse.Namespace, steps: int, warmup: int, *ex
         f"--trainer.precision={'bf16-mixed' if args.precision == 'bf16' else '32-true'}",
     ]
     with tempfile.TemporaryDirectory() as directory:
-        command = [sys.executable, str(ROOT / "xlab.py"), "fit", "-c", str(ROOT / "conf" / "xlab.yaml"), *shape]
+        command = [sys.executable, str(ROOT / "xlab.py"), "fit", "-c", str(ROOT / "conf" / "classic.yaml"), *shape]
         subprocess.run([*command, *run, *extra], cwd=directory, check=True, capture_output=True, text=True)
-        rows = list(csv.DictReader((Path(directory) / "runs" / "xlab" / "metrics.csv").open()))
-        vocab = recorded_network(Path(directory) / "runs" / "xlab" / "checkpoints" / "last.ckpt")["arch"]["vocab_size"]
+        run_dir = Path(directory) / "runs" / "classic"
+        rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+        vocab = recorded_network(run_dir / "checkpoints" / "last.ckpt")["arch"]["vocab_size"]
     rates = [
         float(row["train/tokens_per_sec"])
         for row in rows

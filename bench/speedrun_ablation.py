@@ -8,7 +8,7 @@ The first run also prepares the data; later ones reuse its cache, so compare tim
 second row on, or prepare first (``./xlab.py prepare -c RECIPE``). Runs go to
 ``runs/PREFIX-VARIANT-seedN``; run on an otherwise idle machine.
 
-    python bench/speedrun_ablation.py                                   # conf/speedrun.yaml, 10 min each
+    python bench/speedrun_ablation.py                                   # conf/xlab.yaml, 10 min each
     python bench/speedrun_ablation.py --budget "5 min" --seeds 0 1 --variants recipe adamw gelu
     python bench/speedrun_ablation.py --override=--data.init_args.batch_size=8
 """
@@ -36,9 +36,10 @@ VARIANTS: dict[str, list[str]] = {
     # a dotted key set to null fails jsonargparse's Optional check inside a subclass; the dict form merges
     "no-softcap": [f'{MODEL}.arch={{"logit_softcap": null}}'],
     "no-zero-init": [f"{MODEL}.arch.zero_init_projections=false"],
+    "context-256": ["--data.init_args.context_length=256", "--data.init_args.batch_size=16"],  # the same tokens a step
     "old-default": [],
 }
-OLD_DEFAULT = ROOT / "conf" / "xlab.yaml"
+OLD_DEFAULT = ROOT / "conf" / "classic.yaml"
 
 
 @dataclass
@@ -108,7 +109,7 @@ def table(results: list[Result], budget: str, seeds: list[int]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(ROOT / "conf" / "speedrun.yaml"), help="the config to ablate")
+    parser.add_argument("--recipe", default=str(ROOT / "conf" / "xlab.yaml"), help="the config to ablate")
     parser.add_argument("--budget", default="10 min", help="loop.stop_at of every run (default: 10 min)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))

@@ -11,7 +11,7 @@ Rows, all at the same shape, batch and precision, with the same torch threads:
   clipping, AdamW. The reference of the loop.
 - ``XLab model step, compiled``: the model step through ``torch.compile`` (``--no-compile``: not).
 - ``XLab model step, dropout 0.1``: what dropout costs, eager and compiled (``--dropout 0``: not).
-- ``./xlab.py fit`` (and ``compile: true``): the whole command, conf/xlab.yaml at this shape without
+- ``./xlab.py fit`` (and ``compile: true``): the whole command, conf/classic.yaml at this shape without
   dropout or validation, in a subprocess between the two halves of the rounds; its tokens/s as it
   logs them itself (``train/tokens_per_sec``) after warm-up (``--no-fit``: not).
 

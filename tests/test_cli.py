@@ -237,3 +237,19 @@ def test_two_process_ddp_fits_and_reduces_metrics_across_ranks(tmp_path: Path):
 
     for stage in ("validate", "test"):
         assert evaluate(stage, *ddp) == pytest.approx(evaluate(stage, "--trainer.devices=1"), abs=2e-4), stage
+
+
+OVERLAYS = {"fsdp.yaml"}  # applied over the default experiment
+
+
+@pytest.mark.parametrize(
+    "name", sorted(path.name for path in (ROOT / "conf").glob("*.yaml") if path.name != "defaults.yaml")
+)
+def test_every_shipped_config_parses(name: str, capsys):
+    """Each conf/*.yaml names only keys and values the CLI accepts (a renamed setting would leave one stale)."""
+    configs = ["-c", str(ROOT / "conf" / "xlab.yaml")] if name in OVERLAYS else []
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *configs, "-c", str(ROOT / "conf" / name), "--print_config")
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"].startswith("xlab.models.")
