@@ -80,7 +80,6 @@ class Muon(torch.optim.Muon):
         super().__init__(params, **options)
         self.precision = precision
 
-    @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         if self.precision == "bf16":
             return super().step(closure)

@@ -99,7 +99,7 @@ class TrainingModule(LightningModule):
             config.warmup_steps, math.inf, config.min_lr_ratio, config.schedule, config.decay_fraction
         )
         if config.decay_steps is not None:
-            schedule.decay_steps = max(1, int(config.decay_steps * share))
+            schedule.decay_steps = config.decay_steps * share
             return schedule
         max_steps = self.trainer.estimated_stepping_batches
         if not BudgetHorizon.has_limit(max_steps, self.trainer):
