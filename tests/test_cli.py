@@ -73,6 +73,28 @@ def test_resuming_with_other_model_settings_is_one_clear_line(in_tmp: Path, corp
     assert "do not fit the configured model (size mismatch" in capsys.readouterr().err
 
 
+class Payload:
+    """Unpickling this runs code: it touches the file it names."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_resuming_or_testing_a_checkpoint_never_unpickles_arbitrary_objects(in_tmp: Path, corpus: Path, capsys):
+    assert run_cli("fit", *tiny_args(corpus, "--trainer.max_steps=5")) == 0
+    last = in_tmp / "runs" / "defaults" / "checkpoints" / "last.ckpt"
+    planted = in_tmp / "ran-on-load"
+    torch.save({**torch.load(last, weights_only=True), "planted": Payload(planted)}, last)
+    capsys.readouterr()
+    assert run_cli("fit", *tiny_args(corpus, "--trainer.max_steps=8", "--ckpt_path=last")) == 2
+    assert "--weights_only false only if you trust the file" in capsys.readouterr().err
+    assert run_cli("test", *tiny_args(corpus), f"--ckpt_path={last}") == 2
+    assert not planted.exists()
+
+
 def test_default_experiment_runs_on_the_embedded_corpus(in_tmp: Path):
     args = ["--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2"]
     assert run_cli("fit", "-c", str(ROOT / "conf" / "xlab.yaml"), *args, "--trainer.enable_progress_bar=false") == 0

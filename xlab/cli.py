@@ -1,6 +1,7 @@
 """XLabCLI: one LightningCLI for training, evaluation and data preparation, configured in YAML."""
 
 import logging
+import pickle
 import re
 import sys
 import traceback
@@ -130,8 +131,11 @@ class XLabCLI(LightningCLI):
         self.config = self.parser.parse_object(overrides, self.config)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        """Lightning reads only its own checkpoints: load an export's weights here and give it none."""
+        """Lightning reads only its own checkpoints, and unpickles nothing but tensors and plain values unless
+        ``--weights_only false`` says to trust the file: load an export's weights here and give it none."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in kwargs and kwargs["weights_only"] is None:
+            kwargs["weights_only"] = True
         path = kwargs.get("ckpt_path")
         if path not in (None, *NAMED_CHECKPOINTS) and is_export(Path(path)):
             if subcommand == "fit":
@@ -187,7 +191,7 @@ class Interrupted(Exception):
     """Training stopped on Ctrl-C after saving a resumable checkpoint."""
 
 
-USER_MISTAKES = (UserError, ArgumentError, MisconfigurationException, FileNotFoundError)
+USER_MISTAKES = (UserError, ArgumentError, MisconfigurationException, FileNotFoundError, pickle.UnpicklingError)
 
 
 def quiet_third_party_noise() -> None:
@@ -230,6 +234,11 @@ _CLASS_PROBLEM = re.compile(r"Parser key \"(\w+)\".*?Problem with given class_pa
 
 def describe(error: BaseException) -> str:
     """One line: jsonargparse's nested union report reduced to the part about the chosen class."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            "the checkpoint holds pickled objects other than tensors and plain values, which XLab does not "
+            "unpickle; pass --weights_only false only if you trust the file"
+        )
     text = " ".join(str(error).split())
     problem = _CLASS_PROBLEM.search(text)
     if problem:
