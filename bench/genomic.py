@@ -17,9 +17,14 @@ A shared g-net runs for every weight, so its cost grows with its width squared: 
 about 2 x 3.1M x 512^2 FLOPs (about 1.6 TFLOP, more than a training step of the dense model), made once per
 optimizer step and recomputed chunk by chunk in the backward.
 
+With ``--workdir``, a run that has finished there is read back rather than trained again, so a sweep can be
+resumed or a point given more seeds. A translator config (``conf/translate.yaml``) trains its dense and genome
+points the same way, and each is then tested: the table adds test chrF and exact match.
+
     python bench/genomic.py                                 # 3.3M tokens (conf/classic.yaml's 800 steps), seed 42
     python bench/genomic.py --tokens 10e6 --seeds 1 2 --device cuda
     python bench/genomic.py --tokens 8192 --points dense per_tile:8 low_rank:8 small_dense:8    # a smoke test
+    python bench/genomic.py --config conf/translate.yaml --steps 800 --points dense per_tile:32 per_tile:8
 """
 
 import argparse
@@ -78,8 +83,9 @@ class PeakMemory(Callback):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "conf" / "classic.yaml")
+    parser.add_argument("--config", type=lambda text: Path(text).resolve(), default=ROOT / "conf" / "classic.yaml")
     parser.add_argument("--tokens", type=float, default=3.3e6, help="training tokens per run")
+    parser.add_argument("--steps", type=int, help="training steps per run, instead of --tokens")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument(
         "--points",
@@ -152,37 +158,25 @@ def point(name: str, arch: TransformerConfig, fit_steps: int) -> tuple[str, list
 
 
 def train(overrides: list[str], run: str, seed: int, steps: int, args: argparse.Namespace, workdir: Path) -> dict:
-    """Train one run; its counts, last validation bits per byte, mean tokens/s and peak memory."""
+    """Train one run (and test it, for a translator); its counts, last val bits per byte, tokens/s and peak memory."""
     memory = workdir / f"{run}.memory.json"
-    command = [
-        sys.executable,
-        str(ROOT / "xlab.py"),
-        "fit",
-        "-c",
-        str(args.config),
-        f"--seed_everything={seed}",
-        f"--trainer.max_steps={steps}",
-        f"--trainer.val_check_interval={steps}",
-        f"--trainer.accelerator={args.device}",
-        f"--trainer.logger.init_args.name={run}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=genomic.PeakMemory",
-        f"--trainer.callbacks.path={memory}",
-        *overrides,
-        *args.overrides,
-    ]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")))}
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=environment)
-    if result.returncode != 0:
-        raise SystemExit(f"error: {run} failed:\n{result.stderr[-3000:]}")
+    common = ["-c", str(args.config), f"--seed_everything={seed}", f"--trainer.accelerator={args.device}"]
+    common += ["--trainer.enable_progress_bar=false", *overrides, *args.overrides]
+    xlab("fit", *common, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
+         f"--trainer.logger.init_args.name={run}", "--trainer.callbacks+=genomic.PeakMemory",
+         f"--trainer.callbacks.path={memory}", workdir=workdir)
     directory = workdir / "runs" / run
-    with open(directory / "metrics.csv") as file:
-        rows = list(csv.DictReader(file))
+    rows = read_metrics(directory / "metrics.csv")
     bits = [float(row["val/bits_per_byte"]) for row in rows if row.get("val/bits_per_byte")]
     speeds = [float(row["train/tokens_per_sec"]) for row in rows if row.get("train/tokens_per_sec")]
     model = load(directory / "checkpoints" / "last.ckpt").model
     counts = next((t.report(model) for t in model.transforms), None) or {"ratio": 1.0, "model_ratio": 1.0}
     counts["parameters"] = sum(p.numel() for p in model.parameters())
+    if any(row.get("val/chrf") for row in rows):  # a translator: its decoded test scores
+        xlab("test", *common, f"--ckpt_path={directory / 'checkpoints' / 'last.ckpt'}",
+             f"--trainer.logger.init_args.name={run}-test", workdir=workdir)
+        tested = read_metrics(workdir / "runs" / f"{run}-test" / "metrics.csv")
+        counts |= {name: last(tested, f"test/{name}") for name in ("chrf", "exact_match")}
     return {
         **counts,
         "bits_per_byte": bits[-1],
@@ -191,14 +185,42 @@ def train(overrides: list[str], run: str, seed: int, steps: int, args: argparse.
     }
 
 
-def run_name(index: int, seed: int) -> str:
-    return f"{index}-seed{seed}"
+def xlab(*arguments: str, workdir: Path) -> None:
+    """Run ``xlab.py ARGUMENTS`` in ``workdir`` (bench/ importable, for PeakMemory), or exit with its error."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")))}
+    command = [sys.executable, str(ROOT / "xlab.py"), *arguments]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=environment)
+    if result.returncode != 0:
+        raise SystemExit(f"error: xlab.py {arguments[0]} of {arguments[-1]} failed:\n{result.stderr[-3000:]}")
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def last(rows: list[dict[str, str]], column: str) -> float:
+    return float(next(row[column] for row in reversed(rows) if row.get(column)))
+
+
+def finished(run: str, seed: int, steps: int, args: argparse.Namespace, workdir: Path, overrides: list[str]) -> dict:
+    """A run's results, read back from ``workdir`` when it has finished there, else trained now and saved."""
+    saved = workdir / "runs" / f"{run}.result.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    result = train(overrides, run, seed, steps, args, workdir)
+    saved.write_text(json.dumps(result))
+    return result
+
+
+def run_name(point_name: str, seed: int) -> str:
+    return f"{point_name.replace(':', '-')}-seed{seed}"
 
 
 def main() -> None:
     args = parse_args()
     arch, tokens_per_step = configured(args.config)
-    steps = max(1, round(args.tokens / tokens_per_step))
+    steps = args.steps or max(1, round(args.tokens / tokens_per_step))
     fitted = [name for name in args.points if name.startswith("fitted")]
     if fitted and ("dense" not in args.points or args.points.index("dense") > args.points.index(fitted[0])):
         raise SystemExit("error: a fitted point starts from the dense run: list dense before it")
@@ -207,26 +229,38 @@ def main() -> None:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         results: dict[str, list[dict]] = {}
-        for index, (label, overrides) in enumerate(points):
+        for name, (label, overrides) in zip(args.points, points):
             results[label] = []
             for seed in args.seeds:
-                dense = workdir / "runs" / run_name(args.points.index("dense"), seed) / "checkpoints" / "last.ckpt"
+                dense = workdir / "runs" / run_name("dense", seed) / "checkpoints" / "last.ckpt"
                 chosen = [override.replace(DENSE_CHECKPOINT, str(dense)) for override in overrides]
-                results[label].append(train(chosen, run_name(index, seed), seed, steps, args, workdir))
-    dense = statistics.mean(run["bits_per_byte"] for run in results.get("dense", [{"bits_per_byte": float("nan")}]))
+                results[label].append(finished(run_name(name, seed), seed, steps, args, workdir, chosen))
     print(f"{steps} steps of {tokens_per_step:,} tokens per run, seeds {args.seeds}, {args.config.name}")
-    print("| point | parameters | matrices x | model x | val bits/byte | vs dense | tokens/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(table(results))
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """The Markdown table of the points: means over seeds (± their spread for val bits per byte)."""
+    dense = statistics.mean(run["bits_per_byte"] for run in results.get("dense", [{"bits_per_byte": float("nan")}]))
+    tested = all("chrf" in run for runs in results.values() for run in runs)
+    extra = " test chrF | test exact % |" if tested else ""
+    lines = [f"| point | parameters | matrices x | model x | val bits/byte | vs dense | tokens/s | peak MiB |{extra}"]
+    lines.append("|---" * (8 + 2 * tested) + "|")
     for label, runs in results.items():
         bits = [run["bits_per_byte"] for run in runs]
         spread = f" ± {statistics.stdev(bits):.3f}" if len(bits) > 1 else ""
         first = runs[0]
-        print(
+        line = (
             f"| {label} | {first['parameters']:,} | {first['ratio']:.1f} | {first['model_ratio']:.2f} | "
             f"{statistics.mean(bits):.3f}{spread} | {statistics.mean(bits) / dense:.3f} | "
             f"{statistics.mean(run['tokens_per_sec'] for run in runs):,.0f} | "
             f"{max(run['peak_mib'] for run in runs):,.0f} |"
         )
+        if tested:
+            chrf, exact = (statistics.mean(run[name] for run in runs) for name in ("chrf", "exact_match"))
+            line += f" {chrf:.1f} | {100 * exact:.1f} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
