@@ -1,6 +1,7 @@
 """What the benchmarks share: model-shape options, the transformers reference, the device, CUDA-aware timing."""
 
 import argparse
+import csv
 import os
 import sys
 import time
@@ -10,6 +11,20 @@ from pathlib import Path
 import torch
 
 from xlab.models.config import TransformerConfig
+
+
+def logged_values(metrics_csv: Path, column: str) -> list[float]:
+    """Every value of ``column`` a run logged to its metrics.csv, in order (none if it never logged one)."""
+    with metrics_csv.open(newline="", encoding="utf-8") as file:
+        return [float(row[column]) for row in csv.DictReader(file) if row.get(column)]
+
+
+def last_value(metrics_csv: Path, column: str) -> float:
+    """The last logged value of ``column`` in a run's metrics.csv, or exit naming the file and the column."""
+    values = logged_values(metrics_csv, column)
+    if not values:
+        sys.exit(f"error: {metrics_csv} has no {column}")
+    return values[-1]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, context: int, layers: int = 4, vocab: int = 4096) -> None:

@@ -28,7 +28,6 @@ points the same way, and each is then tested: the table adds test chrF and exact
 """
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -45,7 +44,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import last_value, logged_values  # noqa: E402
 from xlab.checkpoint import load  # noqa: E402
+from xlab.files import write_json_atomic  # noqa: E402
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.decoder import Decoder  # noqa: E402
 from xlab.models.genomic import GenomicBottleneck, LowRank  # noqa: E402
@@ -157,59 +158,48 @@ def point(name: str, arch: TransformerConfig, fit_steps: int) -> tuple[str, list
     return f"dense d_model {d_model} (~per-tile {width})", [f"--model.init_args.arch.d_model={d_model}"]
 
 
-def train(overrides: list[str], run: str, seed: int, steps: int, args: argparse.Namespace, workdir: Path) -> dict:
+def train(run: str, seed: int, steps: int, overrides: list[str], args: argparse.Namespace, workdir: Path) -> dict:
     """Train one run (and test it, for a translator); its counts, last val bits per byte, tokens/s and peak memory."""
     memory = workdir / f"{run}.memory.json"
     common = ["-c", str(args.config), f"--seed_everything={seed}", f"--trainer.accelerator={args.device}"]
     common += ["--trainer.enable_progress_bar=false", *overrides, *args.overrides]
     xlab("fit", *common, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
          f"--trainer.logger.init_args.name={run}", "--trainer.callbacks+=genomic.PeakMemory",
-         f"--trainer.callbacks.path={memory}", workdir=workdir)
+         f"--trainer.callbacks.path={memory}", run=run, workdir=workdir)
     directory = workdir / "runs" / run
-    rows = read_metrics(directory / "metrics.csv")
-    bits = [float(row["val/bits_per_byte"]) for row in rows if row.get("val/bits_per_byte")]
-    speeds = [float(row["train/tokens_per_sec"]) for row in rows if row.get("train/tokens_per_sec")]
+    speeds = logged_values(directory / "metrics.csv", "train/tokens_per_sec")
     model = load(directory / "checkpoints" / "last.ckpt").model
     counts = next((t.report(model) for t in model.transforms), None) or {"ratio": 1.0, "model_ratio": 1.0}
     counts["parameters"] = sum(p.numel() for p in model.parameters())
-    if any(row.get("val/chrf") for row in rows):  # a translator: its decoded test scores
+    if logged_values(directory / "metrics.csv", "val/chrf"):  # a translator: its decoded test scores
         xlab("test", *common, f"--ckpt_path={directory / 'checkpoints' / 'last.ckpt'}",
-             f"--trainer.logger.init_args.name={run}-test", workdir=workdir)
-        tested = read_metrics(workdir / "runs" / f"{run}-test" / "metrics.csv")
-        counts |= {name: last(tested, f"test/{name}") for name in ("chrf", "exact_match")}
+             f"--trainer.logger.init_args.name={run}-test", run=run, workdir=workdir)
+        tested = workdir / "runs" / f"{run}-test" / "metrics.csv"
+        counts |= {name: last_value(tested, f"test/{name}") for name in ("chrf", "exact_match")}
     return {
         **counts,
-        "bits_per_byte": bits[-1],
+        "bits_per_byte": last_value(directory / "metrics.csv", "val/bits_per_byte"),
         "tokens_per_sec": statistics.mean(speeds) if speeds else float("nan"),
         "peak_mib": json.loads(memory.read_text()) / 2**20,
     }
 
 
-def xlab(*arguments: str, workdir: Path) -> None:
-    """Run ``xlab.py ARGUMENTS`` in ``workdir`` (bench/ importable, for PeakMemory), or exit with its error."""
+def xlab(*arguments: str, run: str, workdir: Path) -> None:
+    """Run ``xlab.py ARGUMENTS`` for ``run`` in ``workdir`` (bench/ importable, for PeakMemory), or exit saying why."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")))}
     command = [sys.executable, str(ROOT / "xlab.py"), *arguments]
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=environment)
     if result.returncode != 0:
-        raise SystemExit(f"error: xlab.py {arguments[0]} of {arguments[-1]} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"error: xlab.py {arguments[0]} of {run} failed:\n{result.stderr[-3000:]}")
 
 
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path) as file:
-        return list(csv.DictReader(file))
-
-
-def last(rows: list[dict[str, str]], column: str) -> float:
-    return float(next(row[column] for row in reversed(rows) if row.get(column)))
-
-
-def finished(run: str, seed: int, steps: int, args: argparse.Namespace, workdir: Path, overrides: list[str]) -> dict:
+def finished(run: str, seed: int, steps: int, overrides: list[str], args: argparse.Namespace, workdir: Path) -> dict:
     """A run's results, read back from ``workdir`` when it has finished there, else trained now and saved."""
     saved = workdir / "runs" / f"{run}.result.json"
     if saved.exists():
         return json.loads(saved.read_text())
-    result = train(overrides, run, seed, steps, args, workdir)
-    saved.write_text(json.dumps(result))
+    result = train(run, seed, steps, overrides, args, workdir)
+    write_json_atomic(saved, result)
     return result
 
 
@@ -234,7 +224,7 @@ def main() -> None:
             for seed in args.seeds:
                 dense = workdir / "runs" / run_name("dense", seed) / "checkpoints" / "last.ckpt"
                 chosen = [override.replace(DENSE_CHECKPOINT, str(dense)) for override in overrides]
-                results[label].append(finished(run_name(name, seed), seed, steps, args, workdir, chosen))
+                results[label].append(finished(run_name(name, seed), seed, steps, chosen, args, workdir))
     print(f"{steps} steps of {tokens_per_step:,} tokens per run, seeds {args.seeds}, {args.config.name}")
     print(table(results))
 

@@ -14,7 +14,6 @@ second row on, or prepare first (``./xlab.py prepare -c RECIPE``). Runs go to
 """
 
 import argparse
-import csv
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import last_value  # noqa: E402
+
 MODEL = "--model.init_args"
 
 # One change reverted at a time; "old-default" is the previous default experiment instead of the recipe.
@@ -49,15 +52,6 @@ class Result:
     val_bpb: float
     test_bpb: float
     seconds: float
-
-
-def last_value(metrics_csv: Path, column: str) -> float:
-    """The last logged value of ``column`` in a run's metrics.csv."""
-    with metrics_csv.open(newline="", encoding="utf-8") as file:
-        values = [row[column] for row in csv.DictReader(file) if row.get(column)]
-    if not values:
-        sys.exit(f"error: {metrics_csv} has no {column}")
-    return float(values[-1])
 
 
 def run_xlab(*args: str) -> float:
