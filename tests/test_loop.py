@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tests.conftest import run_cli, tiny_args
 from xlab.callbacks import SaveOnInterrupt
 from xlab.errors import UserError
-from xlab.loop import LoopControl, MetricsCSV, Period, Periodic
+from xlab.loop import LoopControl, LoopRichProgressBar, MetricsCSV, Period, Periodic
 from xlab.models import lm
 from xlab.models.metrics import token_accuracy
 
@@ -412,3 +412,10 @@ def test_bad_loop_settings_are_one_clear_line(in_tmp: Path, corpus: Path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: " + message) and "steps, samples, tokens, s, min, h or d" in err[-1], err
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize(("max_epochs", "description"), [(-1, "Epoch 2"), (None, "Epoch 2"), (5, "Epoch 2/4")])
+def test_the_rich_bar_names_the_epoch_limit_only_when_there_is_one(max_epochs: int | None, description: str):
+    bar = LoopRichProgressBar(LoopControl(metrics_csv=False))
+    bar._trainer = type("FakeTrainer", (), {"max_epochs": max_epochs})()
+    assert bar._get_train_description(2).rstrip() == description

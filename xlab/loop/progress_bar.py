@@ -53,5 +53,11 @@ class LoopTQDMProgressBar(LoopFigures, TQDMProgressBar):
 class LoopRichProgressBar(LoopFigures, RichProgressBar):
     """Lightning's rich bar with ``LoopFigures``."""
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """"Epoch N", without Lightning's "/-2" when ``max_epochs`` is -1 (no epoch limit, as a budget run has)."""
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
 
 LOOP_PROGRESS_BARS = {TQDMProgressBar: LoopTQDMProgressBar, RichProgressBar: LoopRichProgressBar}
