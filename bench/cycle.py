@@ -12,6 +12,13 @@ chrF as mean and standard deviation over ``--seeds``.
   local shuffle) synthetic sources instead of greedy ones.
 - ``cold``: no pairs at all, to show what happens (the copy rate is in each run's metrics).
 
+Each run's test metrics are saved beside it (``runs/bench-cycle-TAG/VARIANT-seedN.result.json``) and read
+back when the same ``--tag`` runs again with the same settings, so the experiment (about 5 hours at 15
+minutes a run) can be done in parts:
+
+    python bench/cycle.py --tag main --variants paired two_models shared
+    python bench/cycle.py --tag main                 # trains only the variants and seeds not yet done; the whole table
+
 Overrides after ``--`` go to every run, e.g. a smaller data set for a smoke test:
 
     python bench/cycle.py --seeds 0 1 2 --stop-at "15 min"
@@ -20,6 +27,7 @@ Overrides after ``--`` go to every run, e.g. a smaller data set for a smoke test
 """
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -29,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xlab.cli import XLabCLI, quiet_third_party_noise  # noqa: E402
+from xlab.files import write_json_atomic  # noqa: E402
 
 DIRECTIONS = ("en-it", "it-en")
 ADAPTERS = "[{class_path: xlab.models.cycle_adapters.DirectionAdapters, init_args: {train_base: true}}]"
@@ -61,21 +70,39 @@ def variant_overrides(variant: str, best: str) -> list[str]:
     return TOPOLOGIES.get(variant) or [*TOPOLOGIES[best], *SYNTHETIC[variant]]
 
 
-def run(variant: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    """Train one variant with one seed, test its best checkpoint; the test metrics and the wall seconds."""
-    name = f"bench-cycle-{args.tag}/{variant}-seed{seed}"
-    overrides = [
+def finished(variant: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """A run's results, read back when this tag has run it with the same settings, else trained now and saved."""
+    saved = ROOT / "runs" / f"bench-cycle-{args.tag}" / f"{variant}-seed{seed}.result.json"
+    overrides = run_overrides(variant, seed, args)
+    if saved.exists():
+        earlier = json.loads(saved.read_text())
+        if earlier["overrides"] != overrides:
+            sys.exit(f"error: {saved} was run with other settings: {' '.join(earlier['overrides'])}; use another --tag")
+        return earlier["result"]
+    result = run(variant, seed, overrides, args.tag)
+    write_json_atomic(saved, {"overrides": overrides, "result": result})
+    return result
+
+
+def run_overrides(variant: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The xlab.py overrides of one variant's run with one seed."""
+    return [
         f"--seed_everything={seed}",
         f"--model.init_args.seed={seed}",
         f"--trainer.max_steps={args.max_steps}",
         f"--loop.stop_at={args.stop_at}",
-        f"--trainer.logger.init_args.name={name}",
         "--trainer.enable_progress_bar=false",
         *args.overrides,
         *variant_overrides(variant, args.best),  # last: what makes the variant wins over the common overrides
     ]
+
+
+def run(variant: str, seed: int, overrides: list[str], tag: str) -> dict[str, float]:
+    """Train one variant with one seed, test its best checkpoint; the test metrics and the wall seconds."""
+    name = f"bench-cycle-{tag}/{variant}-seed{seed}"
     started = time.monotonic()
-    cli = XLabCLI(["fit", "-c", str(ROOT / "conf" / "cycle.yaml"), *overrides])
+    config = str(ROOT / "conf" / "cycle.yaml")
+    cli = XLabCLI(["fit", "-c", config, f"--trainer.logger.init_args.name={name}", *overrides])
     seconds = time.monotonic() - started
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     metrics = {key: float(value) for key, value in cli.trainer.callback_metrics.items() if key.startswith("test/")}
@@ -112,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # each run's options go to the CLI as its args, not through sys.argv
     quiet_third_party_noise()
-    results = {variant: [run(variant, seed, args) for seed in args.seeds] for variant in args.variants}
+    results = {variant: [finished(variant, seed, args) for seed in args.seeds] for variant in args.variants}
     print(table(results))
 
 
