@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from xlab.files import write_json_atomic
 from xlab.models.config import TransformerConfig
 
 
@@ -25,6 +27,20 @@ def last_value(metrics_csv: Path, column: str) -> float:
     if not values:
         sys.exit(f"error: {metrics_csv} has no {column}")
     return values[-1]
+
+
+def saved_result(path: Path, settings: list[str], compute: Callable[[], dict]) -> dict:
+    """``compute()``, saved at ``path`` with the ``settings`` it ran with, or read back from there when a run of the
+    same settings saved it (so a long experiment can be resumed); a saved run of other settings is an error."""
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier["settings"] != settings:
+            settings_then = " ".join(earlier["settings"])
+            sys.exit(f"error: {path} was run with other settings ({settings_then}): start a new --workdir or --tag")
+        return earlier["result"]
+    result = compute()
+    write_json_atomic(path, {"settings": settings, "result": result})
+    return result
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, context: int, layers: int = 4, vocab: int = 4096) -> None:

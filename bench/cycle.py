@@ -27,7 +27,6 @@ Overrides after ``--`` go to every run, e.g. a smaller data set for a smoke test
 """
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import saved_result  # noqa: E402
 from xlab.cli import XLabCLI, quiet_third_party_noise  # noqa: E402
-from xlab.files import write_json_atomic  # noqa: E402
 
 DIRECTIONS = ("en-it", "it-en")
 ADAPTERS = "[{class_path: xlab.models.cycle_adapters.DirectionAdapters, init_args: {train_base: true}}]"
@@ -74,14 +73,7 @@ def finished(variant: str, seed: int, args: argparse.Namespace) -> dict[str, flo
     """A run's results, read back when this tag has run it with the same settings, else trained now and saved."""
     saved = ROOT / "runs" / f"bench-cycle-{args.tag}" / f"{variant}-seed{seed}.result.json"
     overrides = run_overrides(variant, seed, args)
-    if saved.exists():
-        earlier = json.loads(saved.read_text())
-        if earlier["overrides"] != overrides:
-            sys.exit(f"error: {saved} was run with other settings: {' '.join(earlier['overrides'])}; use another --tag")
-        return earlier["result"]
-    result = run(variant, seed, overrides, args.tag)
-    write_json_atomic(saved, {"overrides": overrides, "result": result})
-    return result
+    return saved_result(saved, overrides, lambda: run(variant, seed, overrides, args.tag))
 
 
 def run_overrides(variant: str, seed: int, args: argparse.Namespace) -> list[str]:

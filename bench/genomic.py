@@ -17,9 +17,10 @@ A shared g-net runs for every weight, so its cost grows with its width squared: 
 about 2 x 3.1M x 512^2 FLOPs (about 1.6 TFLOP, more than a training step of the dense model), made once per
 optimizer step and recomputed chunk by chunk in the backward.
 
-With ``--workdir``, a run that has finished there is read back rather than trained again, so a sweep can be
-resumed or a point given more seeds. A translator config (``conf/translate.yaml``) trains its dense and genome
-points the same way, and each is then tested: the table adds test chrF and exact match.
+With ``--workdir``, a run that has finished there with the same settings is read back rather than trained
+again (one of other settings is an error), so a sweep can be resumed or a point given more seeds. A
+translator config (``conf/translate.yaml``) trains its dense and genome points the same way, and each is then
+tested: the table adds test chrF and exact match.
 
     python bench/genomic.py                                 # 3.3M tokens (conf/classic.yaml's 800 steps), seed 42
     python bench/genomic.py --tokens 10e6 --seeds 1 2 --device cuda
@@ -44,9 +45,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import last_value, logged_values  # noqa: E402
+from common import last_value, logged_values, saved_result  # noqa: E402
 from xlab.checkpoint import load  # noqa: E402
-from xlab.files import write_json_atomic  # noqa: E402
 from xlab.models.config import TransformerConfig  # noqa: E402
 from xlab.models.decoder import Decoder  # noqa: E402
 from xlab.models.genomic import GenomicBottleneck, LowRank  # noqa: E402
@@ -158,11 +158,15 @@ def point(name: str, arch: TransformerConfig, fit_steps: int) -> tuple[str, list
     return f"dense d_model {d_model} (~per-tile {width})", [f"--model.init_args.arch.d_model={d_model}"]
 
 
-def train(run: str, seed: int, steps: int, overrides: list[str], args: argparse.Namespace, workdir: Path) -> dict:
+def shared_arguments(seed: int, overrides: list[str], args: argparse.Namespace) -> list[str]:
+    """The xlab.py arguments of one point's run that its fit and its test share."""
+    common = ["-c", str(args.config), f"--seed_everything={seed}", f"--trainer.accelerator={args.device}"]
+    return [*common, "--trainer.enable_progress_bar=false", *overrides, *args.overrides]
+
+
+def train(run: str, common: list[str], steps: int, workdir: Path) -> dict:
     """Train one run (and test it, for a translator); its counts, last val bits per byte, tokens/s and peak memory."""
     memory = workdir / f"{run}.memory.json"
-    common = ["-c", str(args.config), f"--seed_everything={seed}", f"--trainer.accelerator={args.device}"]
-    common += ["--trainer.enable_progress_bar=false", *overrides, *args.overrides]
     xlab("fit", *common, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
          f"--trainer.logger.init_args.name={run}", "--trainer.callbacks+=genomic.PeakMemory",
          f"--trainer.callbacks.path={memory}", run=run, workdir=workdir)
@@ -194,13 +198,11 @@ def xlab(*arguments: str, run: str, workdir: Path) -> None:
 
 
 def finished(run: str, seed: int, steps: int, overrides: list[str], args: argparse.Namespace, workdir: Path) -> dict:
-    """A run's results, read back from ``workdir`` when it has finished there, else trained now and saved."""
-    saved = workdir / "runs" / f"{run}.result.json"
-    if saved.exists():
-        return json.loads(saved.read_text())
-    result = train(run, seed, steps, overrides, args, workdir)
-    write_json_atomic(saved, result)
-    return result
+    """A run's results, read back from ``workdir`` when it has finished there with the same settings, else trained
+    now and saved."""
+    common = shared_arguments(seed, overrides, args)
+    settings = [*common, f"--trainer.max_steps={steps}"]
+    return saved_result(workdir / "runs" / f"{run}.result.json", settings, lambda: train(run, common, steps, workdir))
 
 
 def run_name(point_name: str, seed: int) -> str:
