@@ -173,7 +173,7 @@ def train(run: str, common: list[str], steps: int, workdir: Path) -> dict:
     directory = workdir / "runs" / run
     speeds = logged_values(directory / "metrics.csv", "train/tokens_per_sec")
     model = load(directory / "checkpoints" / "last.ckpt").model
-    counts = next((t.report(model) for t in model.transforms), None) or {"ratio": 1.0, "model_ratio": 1.0}
+    counts = next((t.report(model) for t in model.transforms), None) or {"ratio": None, "model_ratio": None}
     counts["parameters"] = sum(p.numel() for p in model.parameters())
     if logged_values(directory / "metrics.csv", "val/chrf"):  # a translator: its decoded test scores
         xlab("test", *common, f"--ckpt_path={directory / 'checkpoints' / 'last.ckpt'}",
@@ -233,7 +233,8 @@ def main() -> None:
 
 def table(results: dict[str, list[dict]]) -> str:
     """The Markdown table of the points: means over seeds (± their spread for val bits per byte)."""
-    dense = statistics.mean(run["bits_per_byte"] for run in results.get("dense", [{"bits_per_byte": float("nan")}]))
+    dense_runs = results.get("dense", [{"bits_per_byte": float("nan"), "parameters": float("nan")}])
+    dense = statistics.mean(run["bits_per_byte"] for run in dense_runs)
     tested = all("chrf" in run for runs in results.values() for run in runs)
     extra = " test chrF | test exact % |" if tested else ""
     lines = [f"| point | parameters | matrices x | model x | val bits/byte | vs dense | tokens/s | peak MiB |{extra}"]
@@ -242,8 +243,10 @@ def table(results: dict[str, list[dict]]) -> str:
         bits = [run["bits_per_byte"] for run in runs]
         spread = f" ± {statistics.stdev(bits):.3f}" if len(bits) > 1 else ""
         first = runs[0]
+        matrices = f"{first['ratio']:.1f}" if first["ratio"] else "-"  # dense models compress no matrix
+        model_ratio = first["model_ratio"] or dense_runs[0]["parameters"] / first["parameters"]
         line = (
-            f"| {label} | {first['parameters']:,} | {first['ratio']:.1f} | {first['model_ratio']:.2f} | "
+            f"| {label} | {first['parameters']:,} | {matrices} | {model_ratio:.2f} | "
             f"{statistics.mean(bits):.3f}{spread} | {statistics.mean(bits) / dense:.3f} | "
             f"{statistics.mean(run['tokens_per_sec'] for run in runs):,.0f} | "
             f"{max(run['peak_mib'] for run in runs):,.0f} |"
