@@ -12,9 +12,9 @@ chrF as mean and standard deviation over ``--seeds``.
   local shuffle) synthetic sources instead of greedy ones.
 - ``cold``: no pairs at all, to show what happens (the copy rate is in each run's metrics).
 
-Each run's test metrics are saved beside it (``runs/bench-cycle-TAG/VARIANT-seedN.result.json``) and read
-back when the same ``--tag`` runs again with the same settings, so the experiment (about 5 hours at 15
-minutes a run) can be done in parts:
+Each run's test metrics are saved in git's tree (``bench/results/cycle-TAG/VARIANT-seedN.json``; its logs and
+checkpoints go to ``runs/bench-cycle-TAG/``) and read back when the same ``--tag`` runs again with the same
+settings, so the experiment (about 5 hours at 15 minutes a run) can be done in parts, from fresh clones:
 
     python bench/cycle.py --tag main --variants paired two_models shared
     python bench/cycle.py --tag main                 # trains only the variants and seeds not yet done; the whole table
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import saved_result  # noqa: E402
+from common import logged_values, saved_result  # noqa: E402
 from xlab.cli import XLabCLI, quiet_third_party_noise  # noqa: E402
 
 DIRECTIONS = ("en-it", "it-en")
@@ -54,6 +54,8 @@ SYNTHETIC = {
     ],
 }
 VARIANTS = ("paired", *TOPOLOGIES, *SYNTHETIC, "cold")
+DIAGNOSTICS = ("copy_rate", "eos_rate", "length_ratio")
+RECENT = 10  # a diagnostic is the mean of the last RECENT logged batches: one batch of 64 is noisy
 
 
 def variant_overrides(variant: str, best: str) -> list[str]:
@@ -71,7 +73,7 @@ def variant_overrides(variant: str, best: str) -> list[str]:
 
 def finished(variant: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     """A run's results, read back when this tag has run it with the same settings, else trained now and saved."""
-    saved = ROOT / "runs" / f"bench-cycle-{args.tag}" / f"{variant}-seed{seed}.result.json"
+    saved = ROOT / "bench" / "results" / f"cycle-{args.tag}" / f"{variant}-seed{seed}.json"
     overrides = run_overrides(variant, seed, args)
     return saved_result(saved, overrides, lambda: run(variant, seed, overrides, args.tag))
 
@@ -96,26 +98,50 @@ def run(variant: str, seed: int, overrides: list[str], tag: str) -> dict[str, fl
     config = str(ROOT / "conf" / "cycle.yaml")
     cli = XLabCLI(["fit", "-c", config, f"--trainer.logger.init_args.name={name}", *overrides])
     seconds = time.monotonic() - started
+    diagnostics = recent_diagnostics(Path(cli.trainer.log_dir) / "metrics.csv")
+    updates = cli.trainer.global_step
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     metrics = {key: float(value) for key, value in cli.trainer.callback_metrics.items() if key.startswith("test/")}
-    return {**metrics, "seconds": seconds}
+    return {**metrics, **diagnostics, "updates": updates, "seconds": seconds}
+
+
+def recent_diagnostics(metrics_csv: Path) -> dict[str, float]:
+    """Per generating direction, the synthetic outputs' copy rate, end-of-sequence rate and length ratio over the
+    run's last logged batches (none for a run without back-translation)."""
+    diagnostics = {}
+    if not metrics_csv.exists():  # a run too short to log
+        return diagnostics
+    for direction in DIRECTIONS:
+        for name in DIAGNOSTICS:
+            values = logged_values(metrics_csv, f"train/{direction}/{name}")[-RECENT:]
+            if values:
+                diagnostics[f"train/{direction}/{name}"] = statistics.fmean(values)
+    return diagnostics
 
 
 def spread(values: list[float], scale: float = 1.0) -> str:
+    if not values:
+        return "-"
     mean = statistics.fmean(values) * scale
     return f"{mean:6.1f} ± {statistics.stdev(values) * scale:4.1f}" if len(values) > 1 else f"{mean:6.1f}       "
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
-    columns = [f"{d} {m}" for d in DIRECTIONS for m in ("exact %", "chrF")]
-    lines = [f"{'variant':<12} {'seeds':>5} {'minutes':>8}  " + "  ".join(f"{c:>14}" for c in columns)]
+    """Test exact match and chrF per direction, and each generating direction's synthetic copy rate (- without
+    back-translation), as mean ± standard deviation over the seeds."""
+    columns = [f"{d} {m}" for d in DIRECTIONS for m in ("exact %", "chrF")] + [f"{d} copy %" for d in DIRECTIONS]
+    lines = [f"{'variant':<12} {'seeds':>5} {'minutes':>8} {'updates':>8}  " + "  ".join(f"{c:>14}" for c in columns)]
     for variant, runs in results.items():
         cells = []
         for direction in DIRECTIONS:
             cells.append(spread([r[f"test/{direction}/exact_match"] for r in runs], 100))
             cells.append(spread([r[f"test/{direction}/chrf"] for r in runs]))
+        for direction in DIRECTIONS:
+            cells.append(spread([r[key] for r in runs if (key := f"train/{direction}/copy_rate") in r], 100))
         minutes = statistics.fmean(r["seconds"] for r in runs) / 60
-        lines.append(f"{variant:<12} {len(runs):>5} {minutes:>8.1f}  " + "  ".join(f"{c:>14}" for c in cells))
+        updates = statistics.fmean(r["updates"] for r in runs)
+        row = f"{variant:<12} {len(runs):>5} {minutes:>8.1f} {updates:>8.0f}  "
+        lines.append(row + "  ".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)
 
 
