@@ -10,7 +10,8 @@ chrF as mean and standard deviation over ``--seeds``.
   pools (adapters with a trained base: from random weights a frozen base learns nothing).
 - ``sample``, ``noised``: ``--best``'s topology with sampled or noised (word drop, filler,
   local shuffle) synthetic sources instead of greedy ones.
-- ``cold``: no pairs at all, to show what happens (the copy rate is in each run's metrics).
+- ``cold``: no pairs at all, to show what happens (synthetic outputs without an end kept, since a random
+  model ends none; the copy rate is in the table).
 
 Each run's test metrics are saved in git's tree (``bench/results/cycle-TAG/VARIANT-seedN.json``; its logs and
 checkpoints go to ``runs/bench-cycle-TAG/``) and read back when the same ``--tag`` runs again with the same
@@ -67,6 +68,7 @@ def variant_overrides(variant: str, best: str) -> list[str]:
             "--data.init_args.paired_size=0",
             "--model.init_args.mixing.cycle_start=0",
             "--model.init_args.mixing.paired_weight=0",
+            "--model.init_args.synthetic.without_eos=keep",  # an untrained model ends no translation: drop keeps none
         ]
     return TOPOLOGIES.get(variant) or [*TOPOLOGIES[best], *SYNTHETIC[variant]]
 
