@@ -55,7 +55,7 @@ SYNTHETIC = {
     ],
 }
 VARIANTS = ("paired", *TOPOLOGIES, *SYNTHETIC, "cold")
-DIAGNOSTICS = ("copy_rate", "eos_rate", "length_ratio")
+DIAGNOSTICS = ("copy_rate", "distinct_rate", "eos_rate", "length_ratio")
 RECENT = 10  # a diagnostic is the mean of the last RECENT logged batches: one batch of 64 is noisy
 
 
@@ -108,8 +108,8 @@ def run(variant: str, seed: int, overrides: list[str], tag: str) -> dict[str, fl
 
 
 def recent_diagnostics(metrics_csv: Path) -> dict[str, float]:
-    """Per generating direction, the synthetic outputs' copy rate, end-of-sequence rate and length ratio over the
-    run's last logged batches (none for a run without back-translation)."""
+    """Per generating direction, the synthetic outputs' copy, distinct-output and end-of-sequence rates and length
+    ratio over the run's last logged batches (none for a run without back-translation)."""
     diagnostics = {}
     if not metrics_csv.exists():  # a run too short to log
         return diagnostics

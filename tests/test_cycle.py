@@ -240,7 +240,7 @@ def test_a_cold_start_reports_its_copy_rate(tmp_path: Path):
     run.fit(module, unpaired)
     metrics = run.logged_metrics
     for direction in ("en-it", "it-en"):
-        for name in ("copy_rate", "eos_rate", "length_ratio", "dropped"):
+        for name in ("copy_rate", "distinct_rate", "eos_rate", "length_ratio", "dropped"):
             assert f"train/{direction}/{name}" in metrics
         assert f"train/{direction}/cycle_loss" in metrics and f"train/{direction}/paired_loss" not in metrics
 
@@ -250,8 +250,10 @@ def test_diagnostics_count_copies_lengths_and_endings():
     diagnostics.add("trecento", "trecento", 3, 3, True, True)
     diagnostics.add("trecentouno", "trecentounò", 4, 4, False, False)
     diagnostics.add("three", "tre", 2, 4, True, True)
+    diagnostics.add("three", "quattro", 2, 4, True, True)
     rates = diagnostics.rates()
-    assert rates == {"copy_rate": 2 / 3, "eos_rate": 2 / 3, "length_ratio": 9 / 11, "dropped": 1.0}
+    expected = {"copy_rate": 2 / 4, "distinct_rate": 3 / 4, "eos_rate": 3 / 4, "length_ratio": 11 / 15, "dropped": 1.0}
+    assert rates == pytest.approx(expected)
     assert not is_copy("three hundred", "trecento")
 
 

@@ -3,7 +3,7 @@
 import difflib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from xlab.data.tokenizer import BOS_ID, EOS_ID
@@ -88,7 +88,12 @@ def is_copy(output: str, source: str) -> bool:
 
 @dataclass
 class Diagnostics:
-    """What one batch of synthetic sources shows: copies, length against the input, ended, dropped."""
+    """What one batch of synthetic sources shows: copies, distinct outputs, length against the input, ended, dropped.
+
+    Two collapses look different here: a direction that copies its input has a high ``copy_rate``; one that
+    says the same fluent sentence whatever the input (what a cold start does) has a low ``distinct_rate``
+    (distinct outputs per input) and a copy rate of 0.
+    """
 
     count: int = 0
     copies: int = 0
@@ -96,9 +101,11 @@ class Diagnostics:
     dropped: int = 0
     output_tokens: int = 0
     input_tokens: int = 0
+    outputs: set[str] = field(default_factory=set)
 
     def add(self, output: str, source: str, output_tokens: int, input_tokens: int, ended: bool, kept: bool) -> None:
         self.count += 1
+        self.outputs.add(output)
         self.copies += is_copy(output, source)
         self.ended += ended
         self.dropped += not kept
@@ -109,6 +116,7 @@ class Diagnostics:
         count = max(self.count, 1)
         return {
             "copy_rate": self.copies / count,
+            "distinct_rate": len(self.outputs) / count,
             "eos_rate": self.ended / count,
             "length_ratio": self.output_tokens / max(self.input_tokens, 1),
             "dropped": float(self.dropped),
