@@ -5,10 +5,14 @@ from pathlib import Path
 import pytest
 from num2words import num2words
 
+from tests.conftest import ROOT
+from xlab.cli import XLabCLI
 from xlab.data.cycle import CycleDataModule, PoolStreams, collate_text
-from xlab.data.pairs import NumberPhrases, ParallelFiles
+from xlab.data.pairs import SOURCE, TARGET, NumberPhrases, ParallelFiles
 from xlab.data.sources import LocalFiles
+from xlab.data.tokenizer import load_tokenizer
 from xlab.errors import UserError
+from xlab.models.cycle_synthetic import SyntheticSources
 
 
 def numbers(cache: Path, **options) -> CycleDataModule:
@@ -40,6 +44,26 @@ def test_pools_are_disjoint_by_construction_and_from_every_paired_set(prepared: 
 def test_both_directions_of_each_paired_set_hold_the_same_pairs(prepared: CycleDataModule):
     forward, backward = prepared.datasets["val-en-it"], prepared.datasets["val-it-en"]
     assert forward["source_text"] == backward["reference"] and forward["reference"] == backward["source_text"]
+
+
+def test_the_recipes_length_limit_lets_every_real_translation_end(in_tmp: Path):
+    """conf/cycle.yaml's synthetic length limit fits the longest true translation of every number phrase, both ways:
+    a limit that cuts one off makes a translation that never ends, dropped, so back-translation never sees it.
+    The earlier 1.5n + 5 cut off one in nine of the English translations of Italian numbers."""
+    cli = XLabCLI(["-c", str(ROOT / "conf" / "cycle.yaml")], run=False)
+    data = cli.datamodule
+    data.model_shapes()  # trains the tokenizer
+    tokenizer = load_tokenizer(data.tokenizer_path)
+    pairs = data.source.load()
+    lengths = {
+        side: [len(encoding.ids) + 1 for encoding in tokenizer.encode_batch(pairs[side])] for side in (SOURCE, TARGET)
+    }
+    directions = {"en-it": (lengths[SOURCE], lengths[TARGET]), "it-en": (lengths[TARGET], lengths[SOURCE])}
+    earlier = SyntheticSources(length_scale=1.5, length_offset=5)
+    for name, (inputs, outputs) in directions.items():
+        assert not [n for n, m in zip(inputs, outputs) if m > cli.model.synthetic.limit(n)], name
+    inputs, outputs = directions["it-en"]
+    assert sum(m > earlier.limit(n) for n, m in zip(inputs, outputs)) > 0.1 * len(inputs)
 
 
 def test_streams_cycle_each_pool_on_its_own_shuffled_and_resume_exactly():
