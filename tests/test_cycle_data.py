@@ -63,7 +63,7 @@ def test_the_recipes_length_limit_lets_every_real_translation_end(in_tmp: Path):
     for name, (inputs, outputs) in directions.items():
         assert not [n for n, m in zip(inputs, outputs) if m > cli.model.synthetic.limit(n)], name
     inputs, outputs = directions["it-en"]
-    assert sum(m > earlier.limit(n) for n, m in zip(inputs, outputs)) > 0.1 * len(inputs)
+    assert sum(m > earlier.limit(n) for n, m in zip(inputs, outputs)) > 0.05 * len(inputs)
 
 
 def test_streams_cycle_each_pool_on_its_own_shuffled_and_resume_exactly():
