@@ -12,7 +12,7 @@ ninety-nine" or "one thousand, nine hundred and ninety-nine"), where the source 
 
 import argparse
 import sys
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +23,12 @@ from num2words import num2words  # noqa: E402
 from xlab.checkpoint import LoadedModel, load  # noqa: E402
 from xlab.cli import XLabCLI, quiet_third_party_noise  # noqa: E402
 from xlab.data.pairs import SOURCE, TARGET  # noqa: E402
+from xlab.errors import UserError  # noqa: E402
 from xlab.generation import GenerationConfig, translate  # noqa: E402
+from xlab.models.metrics import corpus_scores  # noqa: E402
 
 YEARS = range(1000, 2100)  # NumberPhrases' years
 ORDINALS = range(1, 10_000)  # its ordinals, 1 to 4 digits
-BATCH = 100
 
 
 def english_kinds() -> dict[str, str]:
@@ -43,13 +44,8 @@ def kind(english: str, known: dict[str, str]) -> str:
 
 def translations(loaded: LoadedModel, direction: str, sources: list[str]) -> list[str]:
     """Greedy translations of ``sources`` by the loaded cycle model's ``direction``."""
-    model = loaded.model.direction(direction)
-    config = GenerationConfig(max_new_tokens=64)
-    outputs = []
-    for start in range(0, len(sources), BATCH):
-        batch = sources[start : start + BATCH]
-        outputs += [rows[0].text for rows in translate(model, loaded.tokenizer, loaded.tokenizer, batch, config)]
-    return outputs
+    model, config = loaded.model.direction(direction), GenerationConfig(max_new_tokens=64)
+    return [rows[0].text for rows in translate(model, loaded.tokenizer, loaded.tokenizer, sources, config)]
 
 
 def main() -> None:
@@ -60,27 +56,31 @@ def main() -> None:
     args = parser.parse_args()
     sys.argv = sys.argv[:1]
     quiet_third_party_noise()
+    loaded = load(args.checkpoint)  # first: a bad path fails before the data is prepared
+    loaded.model.eval()
     data = XLabCLI(["-c", args.config, *args.overrides], run=False).datamodule
     test = data.corpora["test"]
     english, italian = list(test[SOURCE]), list(test[TARGET])
     known = english_kinds()
-    loaded = load(args.checkpoint)
-    loaded.model.eval()
     ambiguous = {num2words(value, lang="it", to="year") for value in YEARS}
-    print(f"{'direction':<10} {'phrases':<24} {'pairs':>6} {'exact %':>8}")
+    print(f"{'direction':<10} {'phrases':<24} {'pairs':>6} {'exact %':>8} {'chrF':>6}")
     for direction, sources, references in (("en-it", english, italian), ("it-en", italian, english)):
         outputs = translations(loaded, direction, sources)
-        total, right = Counter(), Counter()
+        groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for en, it, output, reference in zip(english, italian, outputs, references):
-            groups = ["all", kind(en, known)]
+            names = ["all", kind(en, known)]
             if direction == "it-en" and it in ambiguous:
-                groups.append("Italian year = cardinal")
-            for group in groups:
-                total[group] += 1
-                right[group] += output == reference
-        for group in total:
-            print(f"{direction:<10} {group:<24} {total[group]:>6} {100 * right[group] / total[group]:>8.1f}")
+                names.append("Italian year = cardinal")
+            for name in names:
+                groups[name].append((output, reference))
+        for name, pairs in groups.items():
+            scores = corpus_scores(*zip(*pairs))
+            exact, chrf = 100 * scores["exact_match"], scores["chrf"]
+            print(f"{direction:<10} {name:<24} {len(pairs):>6} {exact:>8.1f} {chrf:>6.1f}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # a missing or corrupt checkpoint, bad settings: one line, no traceback
+        sys.exit(f"error: {error}")
