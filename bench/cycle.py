@@ -10,6 +10,8 @@ chrF as mean and standard deviation over ``--seeds``.
   pools (adapters with a trained base: from random weights a frozen base learns nothing).
 - ``sample``, ``noised``: ``--best``'s topology with sampled or noised (word drop, filler,
   local shuffle) synthetic sources instead of greedy ones.
+- ``confident``: ``--best``'s topology training each batch on only the more confident half of its greedy
+  synthetic sources (by mean token log-probability).
 - ``cold``: no pairs at all, to show what happens (synthetic outputs without an end kept, since a random
   model ends none; the copy rate is in the table).
 
@@ -53,6 +55,7 @@ SYNTHETIC = {
         "--model.init_args.synthetic.filler=0.1",
         "--model.init_args.synthetic.shuffle_distance=3",
     ],
+    "confident": ["--model.init_args.synthetic.keep_confident=0.5"],
 }
 VARIANTS = ("paired", *TOPOLOGIES, *SYNTHETIC, "cold")
 DIAGNOSTICS = ("copy_rate", "distinct_rate", "eos_rate", "length_ratio")
@@ -164,7 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--best", choices=tuple(TOPOLOGIES), default="two_models", help="sample/noised/cold topology")
+    parser.add_argument(
+        "--best", choices=tuple(TOPOLOGIES), default="two_models", help="the sample/noised/confident/cold topology"
+    )
     parser.add_argument("--stop-at", default="15 min", help="each run's budget (loop.stop_at)")
     parser.add_argument("--max-steps", type=int, default=100_000, help="and its step limit (trainer.max_steps)")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="runs go to runs/bench-cycle-TAG/")

@@ -9,14 +9,16 @@ import torch
 from lightning.pytorch import Trainer
 
 from xlab.checkpoint import export, load
-from xlab.data.cycle import CycleDataModule
+from xlab.data.cycle import CycleDataModule, source_ids
 from xlab.data.pairs import NumberPhrases, ParallelFiles
+from xlab.data.tokenizer import BOS_ID
 from xlab.errors import UserError
+from xlab.generation import best_targets
 from xlab.infer_cli import main as infer
 from xlab.loop import LoopControl
 from xlab.manage_cli import main as manage
 from xlab.models.config import TransformerConfig
-from xlab.models.cycle import CycleTranslator, Mixing, micro_batches
+from xlab.models.cycle import CycleTranslator, Mixing, evaluating, micro_batches
 from xlab.models.cycle_adapters import DirectionAdapters, merged_direction
 from xlab.models.cycle_synthetic import Diagnostics, SyntheticSources, is_copy
 from xlab.models.optimizer import OptimizerConfig
@@ -252,8 +254,56 @@ def test_diagnostics_count_copies_lengths_and_endings():
     diagnostics.add("three", "tre", 2, 4, True, True)
     diagnostics.add("three", "quattro", 2, 4, True, True)
     rates = diagnostics.rates()
-    assert rates == {"copy_rate": 2 / 4, "distinct_rate": 3 / 4, "eos_rate": 3 / 4, "length_ratio": 11 / 15, "dropped": 1.0}
+    expected = {"copy_rate": 2 / 4, "distinct_rate": 3 / 4, "eos_rate": 3 / 4, "length_ratio": 11 / 15, "dropped": 1.0}
+    assert rates == {**expected, "unconfident": 0.0}
     assert not is_copy("three hundred", "trecento")
+
+
+def mean_log_prob(model: torch.nn.Module, source: list[int], output: list[int]) -> float:
+    """The mean token log-probability of ``output`` (end-of-sequence included) given ``source``, teacher-forced."""
+    target = torch.tensor([output])
+    logits = model(torch.tensor([source]), torch.tensor([[BOS_ID, *output[:-1]]]))
+    return float(logits.log_softmax(-1).gather(-1, target[..., None]).mean())
+
+
+class ConfidenceRecording(CycleTranslator):
+    """Records, per synthetic batch, the real sentences kept, and the ones expected: the greedy translations'
+    top half by a teacher-forced mean log-probability."""
+
+    def synthesize(self, generating, real):
+        model = self.model.direction(generating)
+        sources = [source_ids(ids) for ids in real["ids"]]
+        with torch.no_grad(), evaluating(self.model):
+            outputs = best_targets(model, sources, 1, max(map(self.synthetic.limit, map(len, sources))))
+            confidences = [mean_log_prob(model, source, output) for source, output in zip(sources, outputs)]
+        ranked = sorted(range(len(sources)), key=lambda index: -confidences[index])
+        self.expected.append({real["text"][index] for index in ranked[: len(sources) // 2]})
+        pairs = super().synthesize(generating, real)
+        self.kept.append(set(pairs["reference"]))
+        return pairs
+
+
+def test_keep_confident_trains_on_the_most_likely_half_of_the_translations(data: CycleDataModule):
+    torch.manual_seed(0)
+    synthetic = SyntheticSources(length_scale=1.0, length_offset=2, without_eos="keep", keep_confident=0.5)
+    module = ConfidenceRecording(arch(data), synthetic=synthetic, max_new_tokens=8, examples=0)
+    module.expected, module.kept = [], []
+    run = trainer(4, log_every_n_steps=1)
+    run.fit(module, data)
+    assert len(module.kept) == 4 and all(len(kept) == data.batch_size // 2 for kept in module.kept)
+    assert module.kept == module.expected
+    assert run.logged_metrics["train/en-it/unconfident"] == data.batch_size // 2
+
+
+def test_keep_confident_keeps_the_highest_share_rounded_up():
+    scores = [-1.0, -3.0, -2.0, -0.5, -4.0]
+    assert SyntheticSources(keep_confident=0.4).most_confident(scores) == {0, 3}
+    assert SyntheticSources(keep_confident=0.5).most_confident(scores) == {0, 2, 3}
+    assert SyntheticSources().most_confident(scores) == set(range(5))
+    assert SyntheticSources().confidence([5, 6, 7, 8], -2.0) == -0.5
+    assert SyntheticSources(strategy="beam").confidence([5, 6, 7, 8], -0.5) == -0.5
+    with pytest.raises(UserError, match="keep_confident in"):
+        SyntheticSources(keep_confident=0.0)
 
 
 def test_noise_drops_fills_and_shuffles_locally():

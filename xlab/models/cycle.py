@@ -259,15 +259,7 @@ class CycleTranslator(TrainingModule):
         config = GenerationConfig(**self.synthetic.generation(max(limits), seed))
         with evaluating(self.model):
             decoded = decode_sources(self.model.direction(generating), sources, config)
-        tokenizer, rng = self.trainer.datamodule.tokenizer, random.Random(seed)
-        rows, diagnostics = [], Diagnostics()
-        for ids, text, generated, limit in zip(real["ids"], real["text"], decoded, limits):
-            output, ended = finished(generated[0][0], limit)
-            kept = ended or self.synthetic.without_eos == "keep"
-            output_text = tokenizer.decode(output, skip_special_tokens=True)
-            diagnostics.add(output_text, text, len(output) + ended, len(ids) + 1, ended, kept)
-            if kept:
-                rows.append(pair_row(self.synthetic.noise(output, rng), ids, output_text, text))
+        rows, diagnostics = self._synthetic_rows(real, decoded, limits, random.Random(seed))
         for name, value in diagnostics.rates().items():
             self.log(f"train/{generating}/{name}", value)
         if self.examples and self.global_step % self.examples_every < len(self.model.directions):
@@ -275,6 +267,30 @@ class CycleTranslator(TrainingModule):
             columns = ("real sentence", "its synthetic translation", "real sentence")
             write_table(self, f"train/{generating}/synthetic", columns, examples, same="copy")
         return self._to_device(collate_pairs(rows)) if rows else None
+
+    def _synthetic_rows(
+        self, real: dict[str, Any], decoded: list, limits: list[int], rng: random.Random
+    ) -> tuple[list[dict[str, Any]], Diagnostics]:
+        """The pair rows (noised synthetic source -> real sentence) that ``model.synthetic`` keeps of the decoded
+        translations of the real sentences, and what the batch shows."""
+        tokenizer, diagnostics = self.trainer.datamodule.tokenizer, Diagnostics()
+        candidates = []
+        for ids, text, generated, limit in zip(real["ids"], real["text"], decoded, limits):
+            output_ids, score = generated[0]
+            output, ended = finished(output_ids, limit)
+            kept = ended or self.synthetic.without_eos == "keep"
+            output_text = tokenizer.decode(output, skip_special_tokens=True)
+            diagnostics.add(output_text, text, len(output) + ended, len(ids) + 1, ended, kept)
+            if kept:
+                candidates.append((self.synthetic.confidence(output_ids, score), ids, text, output, output_text))
+        confident = self.synthetic.most_confident([candidate[0] for candidate in candidates])
+        diagnostics.unconfident = len(candidates) - len(confident)
+        rows = [
+            pair_row(self.synthetic.noise(output, rng), ids, output_text, text)
+            for index, (_, ids, text, output, output_text) in enumerate(candidates)
+            if index in confident
+        ]
+        return rows, diagnostics
 
     def _noised(self, real: dict[str, Any]) -> dict[str, Any]:
         noise = self.synthetic if self.synthetic.noised else DEFAULT_DENOISING

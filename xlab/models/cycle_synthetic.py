@@ -20,7 +20,10 @@ class SyntheticSources:
     ``strategy``: ``greedy``, ``beam`` (``num_beams``) or ``sample`` (``temperature``, ``top_k``,
     ``top_p``). A translation of an input of n tokens gets at most ``length_scale`` * n +
     ``length_offset`` tokens. One that does not end (no end-of-sequence within that) is dropped,
-    or kept as it is with ``without_eos: keep``. Noise, as in Edunov et al. (2018), on the
+    or kept as it is with ``without_eos: keep``. Of those kept, only the ``keep_confident`` share with
+    the highest mean token log-probability under the generating direction trains the other (1: all);
+    a confident translation is more often a right one, and a wrong one teaches the trainee a wrong
+    mapping, not just a noisy one. Noise, as in Edunov et al. (2018), on the
     synthetic tokens: each is dropped with ``word_drop``, replaced by a filler token with
     ``filler``, and tokens move by up to ``shuffle_distance`` places (0: none).
     """
@@ -33,6 +36,7 @@ class SyntheticSources:
     length_scale: float = 1.5
     length_offset: int = 5
     without_eos: Literal["drop", "keep"] = "drop"
+    keep_confident: float = 1.0
     word_drop: float = 0.0
     filler: float = 0.0
     shuffle_distance: float = 0.0
@@ -43,6 +47,7 @@ class SyntheticSources:
             (not 0 <= self.word_drop < 1 or not 0 <= self.filler < 1, "word_drop and filler in [0, 1)"),
             (self.shuffle_distance < 0, "shuffle_distance >= 0"),
             (self.num_beams < 2 and self.strategy == "beam", "num_beams >= 2 for beam"),
+            (not 0 < self.keep_confident <= 1, "keep_confident in (0, 1]"),
         ]
         for failed, need in problems:
             if failed:
@@ -60,6 +65,16 @@ class SyntheticSources:
         elif self.strategy == "sample":
             options.update(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return options
+
+    def confidence(self, ids: list[int], score: float) -> float:
+        """A decoded translation's mean token log-probability, from the engine's score: the sum for greedy and
+        sampling, already divided by the length for beam search (its ``length_penalty`` 1)."""
+        return score if self.strategy == "beam" else score / max(len(ids), 1)
+
+    def most_confident(self, confidences: list[float]) -> set[int]:
+        """The indices of the ``keep_confident`` share (rounded up) of ``confidences`` that are highest."""
+        count = math.ceil(self.keep_confident * len(confidences))
+        return set(sorted(range(len(confidences)), key=lambda index: -confidences[index])[:count])
 
     @property
     def noised(self) -> bool:
@@ -88,7 +103,8 @@ def is_copy(output: str, source: str) -> bool:
 
 @dataclass
 class Diagnostics:
-    """What one batch of synthetic sources shows: copies, distinct outputs, length against the input, ended, dropped.
+    """What one batch of synthetic sources shows: copies, distinct outputs, length against the input, ended,
+    dropped (without an end) and ``unconfident`` (ended but below the ``keep_confident`` cut).
 
     Two collapses look different here: a direction that copies its input has a high ``copy_rate``; one that
     says the same fluent sentence whatever the input (what a cold start does) has a low ``distinct_rate``
@@ -99,6 +115,7 @@ class Diagnostics:
     copies: int = 0
     ended: int = 0
     dropped: int = 0
+    unconfident: int = 0
     output_tokens: int = 0
     input_tokens: int = 0
     outputs: set[str] = field(default_factory=set)
@@ -120,4 +137,5 @@ class Diagnostics:
             "eos_rate": self.ended / count,
             "length_ratio": self.output_tokens / max(self.input_tokens, 1),
             "dropped": float(self.dropped),
+            "unconfident": float(self.unconfident),
         }
