@@ -104,7 +104,7 @@ def is_copy(output: str, source: str) -> bool:
 @dataclass
 class Diagnostics:
     """What one batch of synthetic sources shows: copies, distinct outputs, length against the input, ended,
-    dropped (without an end) and ``unconfident`` (ended but below the ``keep_confident`` cut).
+    dropped (without an end) and ``unconfident`` (not dropped, but below the ``keep_confident`` cut).
 
     Two collapses look different here: a direction that copies its input has a high ``copy_rate``; one that
     says the same fluent sentence whatever the input (what a cold start does) has a low ``distinct_rate``
