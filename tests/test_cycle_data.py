@@ -46,6 +46,20 @@ def test_both_directions_of_each_paired_set_hold_the_same_pairs(prepared: CycleD
     assert forward["source_text"] == backward["reference"] and forward["reference"] == backward["source_text"]
 
 
+def test_a_training_batch_holds_a_pool_batch_per_language_and_a_pair_batch_per_direction(prepared: CycleDataModule):
+    def sizes(data: CycleDataModule) -> dict[str, int]:
+        batch = next(iter(data.train_dataloader()))
+        return {name: len(part["text"] if "text" in part else part["reference"]) for name, part in batch.items()}
+
+    assert sizes(prepared) == {"en": 8, "it": 8, "en-it": 8, "it-en": 8}
+    fewer_pairs = numbers(prepared.cache_dir, paired_batch_size=3)  # same data settings: the prepared cache
+    fewer_pairs.setup("fit")
+    assert sizes(fewer_pairs) == {"en": 8, "it": 8, "en-it": 3, "it-en": 3}
+    more_than_the_set = numbers(prepared.cache_dir, paired_batch_size=100)
+    more_than_the_set.setup("fit")
+    assert sizes(more_than_the_set)["en-it"] == 40
+
+
 def test_the_recipes_length_limit_lets_every_real_translation_end(in_tmp: Path):
     """conf/cycle.yaml's synthetic length limit fits the longest true translation of every number phrase, both ways:
     a limit that cuts one off makes a translation that never ends, dropped, so back-translation never sees it.
@@ -123,6 +137,7 @@ def test_parallel_files_split_into_disjoint_monolingual_halves(tmp_path: Path):
         ({"paired_size": 440}, "no monolingual en text"),
         ({"languages": ("en", "de")}, "do not match the source's target_lang"),
         ({"languages": ("en", "en")}, "two distinct languages"),
+        ({"paired_batch_size": 0}, "paired_batch_size must be at least 1"),
     ],
 )
 def test_bad_settings_are_one_clear_error(tmp_path: Path, options: dict, message: str):

@@ -58,7 +58,9 @@ class CycleDataModule(XLabDataModule):
     a text source per language for its pool instead of the pairs' unused rows. One byte-level
     BPE tokenizer is trained on the pools and the paired training set (both directions share it).
     Training batches hold a batch of each pool and, when there are pairs, a batch of pairs per
-    direction; each is drawn from its own endless shuffled stream (``PoolStreams``).
+    direction; each is drawn from its own endless shuffled stream (``PoolStreams``). A pool batch holds
+    ``batch_size`` sentences and a pair batch ``paired_batch_size`` pairs (``batch_size`` when unset, at most the
+    paired set): the few pairs repeat every update, so a smaller pair batch leaves the compute to the pools.
     """
 
     records = "sentence pairs"
@@ -77,6 +79,7 @@ class CycleDataModule(XLabDataModule):
         overlong: Literal["drop", "truncate"] = "drop",
         seed: int = 42,
         batch_size: int = 64,
+        paired_batch_size: int | None = None,
         num_workers: int = 0,
         cache_dir: str = "cache",
     ):
@@ -92,12 +95,15 @@ class CycleDataModule(XLabDataModule):
         for name, value in (("paired_size", paired_size), ("val_size", val_size), ("test_size", test_size)):
             if value < 0:
                 raise UserError(f"data.{name} must be >= 0, got {value}")
+        if paired_batch_size is not None and paired_batch_size < 1:
+            raise UserError(f"data.paired_batch_size must be at least 1 (or null: batch_size), got {paired_batch_size}")
         if min(val_size, test_size) < 1:
             raise UserError("data.val_size and data.test_size must be at least 1")
         if context_length < 2:
             raise UserError("data.context_length must be at least 2 (a token and the start or end token)")
         self.texts = dict(zip(self.languages, (source_text, target_text)))
         self.sizes = {"paired": paired_size, "val": val_size, "test": test_size}
+        self.paired_batch_size = paired_batch_size or batch_size
         self.context_length, self.vocab_size, self.overlong = context_length, vocab_size, overlong
         self.tokenizer: Tokenizer | None = None
 
@@ -234,7 +240,7 @@ class CycleDataModule(XLabDataModule):
         for direction in self.directions:
             paired = self.datasets.get(f"paired-{direction}")
             if paired is not None:
-                pools[direction] = (paired, min(self.batch_size, len(paired)), collate_pairs)
+                pools[direction] = (paired, min(self.paired_batch_size, len(paired)), collate_pairs)
         return PoolStreams(pools, self.seed, rank, world_size)
 
     def val_dataloader(self) -> list[DataLoader]:
