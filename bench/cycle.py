@@ -61,8 +61,9 @@ VARIANTS = ("paired", *TOPOLOGIES, *SYNTHETIC, "cold")
 DIAGNOSTICS = ("copy_rate", "distinct_rate", "eos_rate", "length_ratio")
 RECENT = 10  # a diagnostic is the mean of the last RECENT logged batches: one batch of 64 is noisy
 # conf/cycle.yaml as the saved runs trained it, before its defaults became this experiment's findings (adapters, the
-# trapezoid schedule, a longer synthetic length limit, the confident half): put before every run's overrides and not
-# part of its saved settings, so the saved runs still mean what they say and a new default changes no result here.
+# trapezoid schedule, a longer synthetic length limit, the confident half, 100 pairs, a smaller vocabulary and pair
+# batch): put before every run's overrides and not part of its saved settings, so the saved runs still mean what they
+# say and a new default changes no result here.
 BASE = [
     "--trainer.val_check_interval=500",
     "--model.init_args.implementation=two_models",
@@ -73,6 +74,9 @@ BASE = [
     "--model.init_args.synthetic.length_scale=1.5",
     "--model.init_args.synthetic.length_offset=5",
     "--model.init_args.synthetic.keep_confident=1.0",
+    "--data.init_args.paired_size=300",
+    "--data.init_args.vocab_size=1000",
+    "--data.init_args.paired_batch_size=64",
 ]
 
 

@@ -63,7 +63,8 @@ def test_a_training_batch_holds_a_pool_batch_per_language_and_a_pair_batch_per_d
 def test_the_recipes_length_limit_lets_every_real_translation_end(in_tmp: Path):
     """conf/cycle.yaml's synthetic length limit fits the longest true translation of every number phrase, both ways:
     a limit that cuts one off makes a translation that never ends, dropped, so back-translation never sees it.
-    The earlier 1.5n + 5 cut off one in nine of the English translations of Italian numbers."""
+    The earlier 1.5n + 5 cut off one in nine of the English translations of Italian numbers at vocab_size 1,000, and one
+    in 24 at the recipe's 600."""
     cli = XLabCLI(["-c", str(ROOT / "conf" / "cycle.yaml")], run=False)
     data = cli.datamodule
     data.model_shapes()  # trains the tokenizer
@@ -77,7 +78,7 @@ def test_the_recipes_length_limit_lets_every_real_translation_end(in_tmp: Path):
     for name, (inputs, outputs) in directions.items():
         assert not [n for n, m in zip(inputs, outputs) if m > cli.model.synthetic.limit(n)], name
     inputs, outputs = directions["it-en"]
-    assert sum(m > earlier.limit(n) for n, m in zip(inputs, outputs)) > 0.05 * len(inputs)
+    assert sum(m > earlier.limit(n) for n, m in zip(inputs, outputs)) > 0.03 * len(inputs)
 
 
 def test_streams_cycle_each_pool_on_its_own_shuffled_and_resume_exactly():
